@@ -1,0 +1,35 @@
+"""peftcore: HuggingFace-PEFT-compatible adapters written once against the Array API standard.
+
+The core computes with whatever array library its inputs come from (NumPy,
+torch, JAX, array-api-strict, ...) and never imports a framework itself.
+``peftcore_torch`` and ``peftcore_jax`` wrap it for models.
+"""
+
+from peftcore.config import PEFT_FORMAT_VERSION, PeftConfig, PeftType, TaskType, UnknownConfigFieldsWarning
+from peftcore.mapping import (
+    PEFT_TYPE_TO_CONFIG_MAPPING,
+    get_config_class,
+    get_method,
+    get_peft_config,
+    get_prefix,
+    register_method,
+)
+from peftcore.methods.lora import LoraConfig
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PEFT_FORMAT_VERSION",
+    "PEFT_TYPE_TO_CONFIG_MAPPING",
+    "LoraConfig",
+    "PeftConfig",
+    "PeftType",
+    "TaskType",
+    "UnknownConfigFieldsWarning",
+    "__version__",
+    "get_config_class",
+    "get_method",
+    "get_peft_config",
+    "get_prefix",
+    "register_method",
+]

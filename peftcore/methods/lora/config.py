@@ -1,0 +1,210 @@
+"""``LoraConfig``: every field of ``peft``'s ``LoraConfig`` (0.21.2), same names, defaults and checks.
+
+Sub-configs (``loftq_config``, ``eva_config``, ...) are kept as plain dicts, which
+is how ``adapter_config.json`` stores them; peftcore does not interpret the ones
+for features it does not implement, but keeps them so files round-trip.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import warnings
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+from peftcore.config import PeftConfig
+from peftcore.errors import ConfigError
+
+__all__ = ["INIT_LORA_WEIGHTS_MODES", "LoraConfig"]
+
+#: String values ``peft`` accepts for ``init_lora_weights`` (plus ``pissa_niter_<K>``).
+INIT_LORA_WEIGHTS_MODES = ("gaussian", "eva", "olora", "pissa", "corda", "loftq", "orthogonal", "mica", "lora_ga")
+_PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
+
+# Defaults ``peft`` fills in when the matching init mode is chosen without a sub-config.
+_EVA_DEFAULTS = {
+    "rho": 2.0,
+    "tau": 0.99,
+    "use_label_mask": True,
+    "label_mask_value": -100,
+    "whiten": False,
+    "adjust_scaling_factors": True,
+}
+_CORDA_DEFAULTS = {
+    "cache_file": None,
+    "covariance_file": None,
+    "corda_method": "ipm",
+    "verbose": False,
+    "use_float16_for_covariance": False,
+    "prune_temporary_fields": True,
+}
+
+_SUBCONFIGS = (
+    "eva_config",
+    "corda_config",
+    "lora_ga_config",
+    "velora_config",
+    "monteclora_config",
+    "kasa_config",
+    "arrow_config",
+    "use_bdlora",
+    "megatron_config",
+)
+
+
+def _as_set(value: Any) -> Any:
+    return set(value) if isinstance(value, (list, tuple, set, frozenset)) else value
+
+
+def _as_dict(name: str, value: Any) -> dict | None:
+    if value is None:
+        return None
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    if isinstance(value, Mapping):
+        return dict(value)
+    raise ConfigError(f"{name} must be None or a dict, got {type(value).__name__}")
+
+
+@dataclasses.dataclass
+class LoraConfig(PeftConfig):
+    """Configuration of a LoRA adapter, as ``peft.LoraConfig``.
+
+    The fields that change the math are ``r``, ``lora_alpha``, ``use_rslora``
+    (scaling ``lora_alpha/r`` or ``lora_alpha/sqrt(r)``), ``rank_pattern`` /
+    ``alpha_pattern`` (per-module overrides, first matching key wins),
+    ``fan_in_fan_out`` (weights stored ``(in, out)``, GPT-2's Conv1D), ``use_dora``,
+    ``lora_bias`` and ``init_lora_weights``. Targeting: ``target_modules``
+    (list of names/suffixes, a full-match regex string, or ``"all-linear"``),
+    ``exclude_modules``, ``layers_to_transform``/``layers_pattern``, ``modules_to_save``.
+    """
+
+    PEFT_TYPE: ClassVar[str] = "LORA"
+
+    r: int = 8
+    target_modules: list[str] | set[str] | str | None = None
+    exclude_modules: list[str] | set[str] | str | None = None
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    fan_in_fan_out: bool = False
+    bias: str = "none"
+    use_rslora: bool = False
+    modules_to_save: list[str] | None = None
+    init_lora_weights: bool | str = True
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+    rank_pattern: dict[str, int] = dataclasses.field(default_factory=dict)
+    alpha_pattern: dict[str, float] = dataclasses.field(default_factory=dict)
+    megatron_config: dict | None = None
+    megatron_core: str | None = "megatron.core"
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
+    loftq_config: dict = dataclasses.field(default_factory=dict)
+    eva_config: dict | None = None
+    corda_config: dict | None = None
+    lora_ga_config: dict | None = None
+    use_dora: bool = False
+    velora_config: dict | None = None
+    alora_invocation_tokens: list[int] | None = None
+    use_qalora: bool = False
+    qalora_group_size: int = 16
+    monteclora_config: dict | None = None
+    layer_replication: list[tuple[int, int]] | None = None
+    lora_bias: bool = False
+    target_parameters: list[str] | None = None
+    use_bdlora: dict | None = None
+    arrow_config: dict | None = None
+    kasa_config: dict | None = None
+    ensure_weight_tying: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.target_modules = _as_set(self.target_modules)
+        self.exclude_modules = _as_set(self.exclude_modules)
+        for name in _SUBCONFIGS:
+            setattr(self, name, _as_dict(name, getattr(self, name)))
+        self.loftq_config = _as_dict("loftq_config", self.loftq_config) or {}
+        self.rank_pattern = dict(self.rank_pattern or {})
+        self.alpha_pattern = dict(self.alpha_pattern or {})
+        self._check_values()
+        self._check_combinations()
+
+    def _check_values(self) -> None:
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            raise ConfigError(f"`r` should be a positive integer value but the value passed is {self.r!r}")
+        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)):
+            raise ConfigError(f"`lora_alpha` must be a number, got {self.lora_alpha!r}")
+        if not 0.0 <= float(self.lora_dropout) < 1.0:
+            raise ConfigError(f"`lora_dropout` must be in [0, 1), got {self.lora_dropout!r}")
+        if self.bias not in ("none", "all", "lora_only"):
+            raise ConfigError(f"`bias` must be 'none', 'all' or 'lora_only', got {self.bias!r}")
+        init = self.init_lora_weights
+        if not (isinstance(init, bool) or init in INIT_LORA_WEIGHTS_MODES or _PISSA_NITER.fullmatch(str(init))):
+            raise ConfigError(
+                f"`init_lora_weights` must be True, False, one of {list(INIT_LORA_WEIGHTS_MODES)} "
+                f"or 'pissa_niter_<K>', got {init!r}"
+            )
+        for name, pattern in (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern)):
+            for key, value in pattern.items():
+                if not isinstance(key, str) or isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise ConfigError(f"`{name}` maps module-name patterns to numbers; bad entry {key!r}: {value!r}")
+        for key, value in self.rank_pattern.items():
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"`rank_pattern[{key!r}]` must be a positive integer, got {value!r}")
+        if isinstance(self.target_parameters, str):
+            raise ConfigError("`target_parameters` must be a list of strings or None.")
+
+    def _check_combinations(self) -> None:
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            raise ConfigError("`layers_to_transform` cannot be used when `target_modules` is a str.")
+        if isinstance(self.target_modules, str) and self.layers_pattern is not None:
+            raise ConfigError("`layers_pattern` cannot be used when `target_modules` is a str.")
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ConfigError("When `layers_pattern` is specified, `layers_to_transform` must also be specified. ")
+        if self.use_dora and self.megatron_config:
+            raise ConfigError("DoRA does not support megatron_core, please set `use_dora=False`.")
+
+        init = self.init_lora_weights
+        if init == "loftq":
+            if not self.loftq_config:
+                raise ConfigError("`loftq_config` must be specified when `init_lora_weights` is 'loftq'.")
+        elif self.loftq_config:
+            self.loftq_config = {}
+            warnings.warn("`loftq_config` specified but will be ignored when `init_lora_weights` is not 'loftq'.")
+        elif init == "eva" and self.eva_config is None:
+            warnings.warn("`init_lora_weights` is 'eva' but `eva_config` is not specified. Using default EVA config.")
+            self.eva_config = dict(_EVA_DEFAULTS)
+        elif init != "eva" and self.eva_config is not None:
+            warnings.warn("`eva_config` specified but will be ignored when `init_lora_weights` is not 'eva'.")
+        elif init == "corda" and self.corda_config is None:
+            warnings.warn(
+                "`init_lora_weights` is 'corda' but `corda_config` is not specified. Using default CorDA config."
+            )
+            self.corda_config = dict(_CORDA_DEFAULTS)
+        elif init != "corda" and self.corda_config is not None:
+            warnings.warn("`corda_config` specified but will be ignored when `init_lora_weights` is not 'corda'.")
+
+        if self.lora_bias:
+            if init not in (True, False):
+                raise ConfigError(
+                    "The argument lora_bias=True is only supported with init_lora_weights=True or False, got "
+                    f"init_lora_weights={init!r} instead."
+                )
+            if self.use_dora:
+                raise ConfigError("The argument lora_bias=True is not supported for DoRA, please pass use_dora=False")
+        if self.alora_invocation_tokens is not None and self.task_type != "CAUSAL_LM":
+            warnings.warn("aLoRA is currently only supported for CAUSAL_LM task.")
+        mutates_base = (isinstance(init, str) and init.startswith("pissa")) or init in ("olora", "corda", "lora_ga")
+        if self.use_rslora and (self.rank_pattern or self.alpha_pattern) and mutates_base:
+            warnings.warn(
+                "Using Rank-Stabilized LoRA with rank_pattern/alpha_pattern and post-training conversion of modified "
+                "base weights PiSSA/CorDA/OLoRA/LoRA-GA means that you won't be able to pass "
+                "`path_initial_model_for_weight_conversion` to `save_pretrained` to restore the initial values of the "
+                "base weights; if you intend to do this, please ensure not to use rslora or rank_pattern/alpha_pattern."
+            )
+
+    @property
+    def pissa_niter(self) -> int | None:
+        """``K`` of ``init_lora_weights="pissa_niter_K"``, else ``None``."""
+        match = _PISSA_NITER.fullmatch(str(self.init_lora_weights))
+        return int(match.group(1)) if match else None

@@ -1,0 +1,241 @@
+"""Regenerate the golden vectors in ``spec/vectors/`` from the float64 NumPy reference.
+
+    python spec/tools/make_vectors.py
+
+Inputs are drawn from a fixed seed; expected outputs come from ``tests/reference``
+(written from the formulas, independent of peftcore). Each case stores its input
+and output tensors in ``spec/vectors/<method>.safetensors`` under
+``<case id>/inputs/<name>`` and ``<case id>/outputs/<name>``; ``manifest.json``
+lists, per case, the operation (a formula of ``spec/<method>.md``), the positional
+inputs in order, the scalar parameters and the outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import save_file
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from tests.reference import dora as dref  # noqa: E402
+from tests.reference import lora as lref  # noqa: E402
+
+VECTORS = ROOT / "spec" / "vectors"
+SEED = 20261129
+TOLERANCES = {"float64": {"rtol": 1e-10}, "float32": {"rtol": 2e-5}}
+
+
+class Collector:
+    """Accumulates cases of one method: tensors for the safetensors file, entries for the manifest."""
+
+    def __init__(self, method: str):
+        self.method = method
+        self.tensors: dict[str, np.ndarray] = {}
+        self.cases: list[dict] = []
+
+    def add(self, case_id, operation, spec, inputs, params, outputs, *, description):
+        full_id = f"{self.method}/{case_id}"
+        for role, named in (("inputs", inputs), ("outputs", outputs)):
+            for name, value in named.items():
+                if value is None:
+                    continue
+                value = np.asarray(value)
+                value = value.astype(np.int64) if value.dtype.kind in "iu" else value.astype(np.float64)
+                self.tensors[f"{full_id}/{role}/{name}"] = np.ascontiguousarray(value)
+        self.cases.append(
+            {
+                "id": full_id,
+                "operation": operation,
+                "spec": spec,
+                "description": description,
+                "file": f"{self.method}.safetensors",
+                "inputs": [name if value is not None else None for name, value in inputs.items()],
+                "params": params,
+                "outputs": list(outputs),
+                "tolerance": TOLERANCES,
+            }
+        )
+
+
+def lora_cases(rng: np.random.Generator) -> Collector:
+    c = Collector("lora")
+    n = rng.standard_normal
+    spec = "lora.md#3-forward-adapter-enabled-not-merged"
+
+    for case_id, r, alpha, rslora, with_bias in (
+        ("linear_forward/basic", 3, 6, False, False),
+        ("linear_forward/rslora_lora_bias", 4, 8, True, True),
+    ):
+        x, weight, bias = n((2, 3, 5)), n((6, 5)), n(6)
+        a, b = n((r, 5)), n((6, r))
+        bias_b = n(6) if with_bias else None
+        s = lref.scaling(r, alpha, use_rslora=rslora)
+        result = lref.linear_dense(x, weight, bias)
+        c.add(
+            case_id, "lora.linear_forward", spec,
+            {"result": result, "x": x, "lora_A": a, "lora_B": b, "lora_B_bias": bias_b},
+            {"scaling": s},
+            {"output": result + lref.linear_update(x, a, b, s, bias_b)},
+            description=f"Linear(5->6), r={r}, alpha={alpha}, use_rslora={rslora}, lora_bias={with_bias}",
+        )
+
+    for fan_in_fan_out in (False, True):
+        a, b = n((3, 5)), n((6, 3))
+        c.add(
+            f"delta_weight/fan_in_fan_out_{str(fan_in_fan_out).lower()}", "lora.delta_weight",
+            "lora.md#4-delta-weight-merge-unmerge",
+            {"lora_A": a, "lora_B": b}, {"scaling": 1.5, "fan_in_fan_out": fan_in_fan_out},
+            {"delta": lref.linear_delta(a, b, 1.5, fan_in_fan_out=fan_in_fan_out)},
+            description="Linear delta (out, in); transposed for GPT-2 Conv1D",
+        )
+
+    weight, delta = n((6, 5)), n((6, 5))
+    c.add("merge/linear", "lora.merge", "lora.md#4-delta-weight-merge-unmerge",
+          {"weight": weight, "delta": delta}, {}, {"merged": lref.merge(weight, delta)},
+          description="W + ΔW")
+    c.add("unmerge/linear", "lora.unmerge", "lora.md#4-delta-weight-merge-unmerge",
+          {"weight": weight, "delta": delta}, {}, {"unmerged": lref.unmerge(weight, delta)},
+          description="W − ΔW")
+
+    for case_id, kwargs in (
+        ("embedding_forward/basic", {}),
+        ("embedding_forward/max_norm_embed_scale", {"max_norm": 1.0, "embed_scale": 2.5}),
+    ):
+        table, a, b = n((11, 4)), n((3, 11)), n((4, 3))
+        ids = rng.integers(0, 11, size=(2, 5))
+        result = table[ids]
+        c.add(
+            case_id, "lora.embedding_forward", spec,
+            {"result": result, "indices": ids, "lora_embedding_A": a, "lora_embedding_B": b},
+            {"scaling": 2.0, **kwargs},
+            {"output": result + lref.embedding_update(ids, a, b, 2.0, **kwargs)},
+            description=f"Embedding(11, 4), r=3 {kwargs}",
+        )
+    a, b = n((3, 11)), n((4, 3))
+    c.add("embedding_delta_weight/basic", "lora.embedding_delta_weight", "lora.md#4-delta-weight-merge-unmerge",
+          {"lora_embedding_A": a, "lora_embedding_B": b}, {"scaling": 0.5},
+          {"delta": lref.embedding_delta(a, b, 0.5)}, description="(num_embeddings, dim)")
+
+    for case_id, x_shape, a_shape, b_shape, stride, padding, groups in (
+        ("conv_forward/conv1d_stride2_pad1", (2, 3, 9), (4, 3, 3), (6, 4, 1), 2, 1, 1),
+        ("conv_forward/conv2d_same", (1, 3, 6, 5), (2, 3, 3, 3), (4, 2, 1, 1), 1, "same", 1),
+        ("conv_forward/conv2d_groups2", (2, 4, 5, 5), (4, 4, 3, 3), (6, 2, 1, 1), (1, 2), (1, 0), 2),
+        ("conv_forward/conv3d", (1, 2, 4, 4, 3), (2, 2, 2, 2, 2), (3, 2, 1, 1, 1), 1, 0, 1),
+    ):
+        x, a, b = n(x_shape), n(a_shape), n(b_shape)
+        kernel = a_shape[2:]
+        weight = n((b_shape[0], x_shape[1] // groups, *kernel))
+        result = lref.conv(x, weight, stride=stride, padding=padding, groups=groups)
+        s = 1.25
+        c.add(
+            case_id, "lora.conv_forward", spec,
+            {"result": result, "x": x, "lora_A": a, "lora_B": b},
+            {"scaling": s, "stride": stride, "padding": padding, "groups": groups},
+            {"output": result + lref.conv_update(x, a, b, s, stride=stride, padding=padding, groups=groups)},
+            description=f"Conv{len(kernel)}d, stride={stride}, padding={padding}, groups={groups}",
+        )
+
+    for case_id, a_shape, b_shape in (
+        ("conv_delta_weight/conv2d_3x3", (3, 4, 3, 3), (5, 3, 1, 1)),
+        ("conv_delta_weight/conv2d_1x1", (3, 4, 1, 1), (5, 3, 1, 1)),
+    ):
+        a, b = n(a_shape), n(b_shape)
+        c.add(case_id, "lora.conv_delta_weight", "lora.md#4-delta-weight-merge-unmerge",
+              {"lora_A": a, "lora_B": b}, {"scaling": 2.0}, {"delta": lref.conv_delta(a, b, 2.0)},
+              description="(out, in, *k)")
+    return c
+
+
+def dora_cases(rng: np.random.Generator) -> Collector:
+    c = Collector("dora")
+    n = rng.standard_normal
+    spec = "lora.md#6-dora-use_dora-true"
+
+    for fan_in_fan_out in (False, True):
+        weight = n((5, 6)) if fan_in_fan_out else n((6, 5))
+        a, b = n((3, 5)), n((6, 3))
+        c.add(f"magnitude_init/fan_in_fan_out_{str(fan_in_fan_out).lower()}", "dora.magnitude_init", spec,
+              {"weight": weight, "lora_A": a, "lora_B": b}, {"scaling": 0.75, "fan_in_fan_out": fan_in_fan_out},
+              {"magnitude": dref.linear_norm(weight, a, b, 0.75, fan_in_fan_out=fan_in_fan_out)},
+              description="m = ‖W' + sBA‖ per output row")
+
+    for recompute in (False, True):
+        x, weight, bias = n((2, 3, 5)), n((6, 5)), n(6)
+        a, b, m = n((3, 5)), n((6, 3)), np.abs(n(6)) + 0.5
+        result = lref.linear_dense(x, weight, bias)
+        c.add(f"linear_forward/recompute_base_{str(recompute).lower()}", "dora.linear_forward", spec,
+              {"result": result, "x": x, "lora_A": a, "lora_B": b, "magnitude": m, "weight": weight, "bias": bias},
+              {"scaling": 0.75, "recompute_base": recompute},
+              {"output": dref.linear_forward(result, x, a, b, m, weight, bias, 0.75, recompute_base=recompute)},
+              description="DoRA Linear forward; recompute_base is the dropout-active path")
+
+    weight, a, b, m = n((6, 5)), n((3, 5)), n((6, 3)), np.abs(n(6)) + 0.5
+    delta = lref.linear_delta(a, b, 0.75)
+    merged, norm = dref.merge(weight, delta, m)
+    c.add("merge/linear", "dora.merge", spec, {"weight": weight, "delta": delta, "magnitude": m}, {},
+          {"merged": merged, "weight_norm": norm}, description="(m/‖W+ΔW‖)(W+ΔW) and the norm to cache")
+    c.add("unmerge/linear", "dora.unmerge", spec,
+          {"weight": merged, "delta": delta, "magnitude": m, "weight_norm": norm}, {},
+          {"unmerged": dref.unmerge(merged, delta, m, norm)}, description="W/(m/n) − ΔW")
+
+    table, a, b = n((11, 4)), n((3, 11)), n((4, 3))
+    m = np.abs(n(4)) + 0.5
+    ids = rng.integers(0, 11, size=(2, 5))
+    c.add("embedding_magnitude_init/basic", "dora.embedding_magnitude_init", spec,
+          {"weight": table, "lora_embedding_A": a, "lora_embedding_B": b}, {"scaling": 2.0},
+          {"magnitude": dref.embedding_norm(table, a, b, 2.0)}, description="(dim,)")
+    c.add("embedding_forward/basic", "dora.embedding_forward", spec,
+          {"result": table[ids], "indices": ids, "lora_embedding_A": a, "lora_embedding_B": b,
+           "magnitude": m, "weight": table}, {"scaling": 2.0},
+          {"output": dref.embedding_forward(table[ids], ids, a, b, m, table, 2.0)},
+          description="g·result + g·s·Aᵀ[ids]Bᵀ")
+
+    x, weight, bias = n((2, 3, 6, 5)), n((4, 3, 3, 3)), n(4)
+    a, b, m = n((2, 3, 3, 3)), n((4, 2, 1, 1)), np.abs(n((1, 4, 1, 1))) + 0.5
+    result = lref.conv(x, weight, stride=1, padding=1) + bias.reshape(1, -1, 1, 1)
+    c.add("conv_magnitude_init/conv2d", "dora.conv_magnitude_init", spec,
+          {"weight": weight, "lora_A": a, "lora_B": b}, {"scaling": 0.5},
+          {"magnitude": dref.conv_norm(weight, a, b, 0.5)}, description="(1, out, 1, 1)")
+    for recompute in (False, True):
+        c.add(f"conv_forward/conv2d_recompute_base_{str(recompute).lower()}", "dora.conv_forward", spec,
+              {"result": result, "x": x, "lora_A": a, "lora_B": b, "magnitude": m, "weight": weight, "bias": bias},
+              {"scaling": 0.5, "stride": 1, "padding": 1, "recompute_base": recompute},
+              {"output": dref.conv_forward(result, x, a, b, m, weight, bias, 0.5, stride=1, padding=1,
+                                           recompute_base=recompute)},
+              description="DoRA Conv2d forward")
+    delta = dref.conv_delta(a, b, 0.5)
+    merged, norm = dref.conv_merge(weight, delta, m)
+    c.add("conv_merge/conv2d", "dora.conv_merge", spec, {"weight": weight, "delta": delta, "magnitude": m}, {},
+          {"merged": merged, "weight_norm": norm}, description="per out-channel")
+    c.add("conv_unmerge/conv2d", "dora.conv_unmerge", spec,
+          {"weight": merged, "delta": delta, "magnitude": m, "weight_norm": norm}, {},
+          {"unmerged": dref.conv_unmerge(merged, delta, m, norm)}, description="per out-channel")
+    return c
+
+
+def main() -> None:
+    rng = np.random.default_rng(SEED)
+    VECTORS.mkdir(parents=True, exist_ok=True)
+    cases = []
+    for collector in (lora_cases(rng), dora_cases(rng)):
+        save_file(collector.tensors, str(VECTORS / f"{collector.method}.safetensors"), metadata={"seed": str(SEED)})
+        cases.extend(collector.cases)
+    manifest = {
+        "format": "peftcore-golden-vectors",
+        "version": 1,
+        "generator": "spec/tools/make_vectors.py (float64 NumPy reference, tests/reference)",
+        "tensor_key": "<case id>/inputs/<name> and <case id>/outputs/<name>",
+        "tolerance_rule": "|actual - expected| <= rtol * |expected| + rtol * max|expected| per output",
+        "cases": cases,
+    }
+    (VECTORS / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    print(f"wrote {len(cases)} cases to {VECTORS}")
+
+
+if __name__ == "__main__":
+    main()

@@ -6,6 +6,7 @@ torch, JAX, array-api-strict, ...) and never imports a framework itself.
 """
 
 from peftcore.config import PEFT_FORMAT_VERSION, PeftConfig, PeftType, TaskType, UnknownConfigFieldsWarning
+from peftcore.io import LoadedAdapter, load_adapter, load_state_dict, save_adapter, save_state_dict
 from peftcore.mapping import (
     PEFT_TYPE_TO_CONFIG_MAPPING,
     get_config_class,
@@ -21,6 +22,7 @@ __version__ = "0.1.0"
 __all__ = [
     "PEFT_FORMAT_VERSION",
     "PEFT_TYPE_TO_CONFIG_MAPPING",
+    "LoadedAdapter",
     "LoraConfig",
     "PeftConfig",
     "PeftType",
@@ -31,5 +33,9 @@ __all__ = [
     "get_method",
     "get_peft_config",
     "get_prefix",
+    "load_adapter",
+    "load_state_dict",
     "register_method",
+    "save_adapter",
+    "save_state_dict",
 ]

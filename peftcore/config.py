@@ -244,7 +244,7 @@ class PeftConfig:
         path = Path(directory)
         if subfolder:
             path = path / subfolder
-        config_file = path / CONFIG_NAME if path.suffix != ".json" else path
+        config_file = path if path.is_file() else path / CONFIG_NAME
         if not config_file.is_file():
             raise AdapterNotFoundError(f"no {CONFIG_NAME} at {path}")
         try:

@@ -13,7 +13,7 @@ import warnings
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from peftcore.config import PeftConfig
+from peftcore.config import PeftConfig, UnknownConfigFieldsWarning
 from peftcore.errors import ConfigError
 
 __all__ = ["INIT_LORA_WEIGHTS_MODES", "LoraConfig"]
@@ -22,35 +22,110 @@ __all__ = ["INIT_LORA_WEIGHTS_MODES", "LoraConfig"]
 INIT_LORA_WEIGHTS_MODES = ("gaussian", "eva", "olora", "pissa", "corda", "loftq", "orthogonal", "mica", "lora_ga")
 _PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
 
-# Defaults ``peft`` fills in when the matching init mode is chosen without a sub-config.
-_EVA_DEFAULTS = {
-    "rho": 2.0,
-    "tau": 0.99,
-    "use_label_mask": True,
-    "label_mask_value": -100,
-    "whiten": False,
-    "adjust_scaling_factors": True,
-}
-_CORDA_DEFAULTS = {
-    "cache_file": None,
-    "covariance_file": None,
-    "corda_method": "ipm",
-    "verbose": False,
-    "use_float16_for_covariance": False,
-    "prune_temporary_fields": True,
+
+
+def _check_eva(c: dict) -> None:
+    if c["rho"] < 1.0:
+        raise ConfigError("`rho` must be >= 1.0")
+    if not 0.0 <= c["tau"] <= 1.0:
+        raise ConfigError("`tau` must be between 0.0 and 1.0.")
+
+
+def _check_velora(c: dict) -> None:
+    if c["num_groups"] <= 0:
+        raise ConfigError(f"`num_groups` should be positive, got {c['num_groups']}.")
+    if c["scale"] <= 0:
+        raise ConfigError(f"`scale` should be positive, got {c['scale']}.")
+    if c["init_type"] not in {"batch_average_once", "batch_average", "random"}:
+        raise ConfigError(
+            f"Unsupported `init_type` {c['init_type']!r}. Supported values are 'batch_average_once', "
+            "'batch_average', and 'random'."
+        )
+
+
+def _check_kasa(c: dict) -> None:
+    for name in ("beta", "gamma"):
+        if c[name] < 0:
+            raise ConfigError(f"`{name}` must be non-negative, got {c[name]}.")
+
+
+def _check_arrow(c: dict) -> None:
+    if c["top_k"] <= 0:
+        raise ConfigError("top_k cannot be negative.")
+    if c["router_temperature"] <= 0:
+        raise ConfigError("router_temperature must be greater than 0.")
+
+
+def _check_bdlora(c: dict) -> None:
+    overlap = set(c["target_modules_bd_a"] or []) & set(c["target_modules_bd_b"] or [])
+    if overlap:
+        raise ConfigError(
+            "Found overlapping modules in target_modules_bd lists:"
+            f"{c['target_modules_bd_a']} (A) and {c['target_modules_bd_b']} (B)."
+        )
+
+
+def _check_monteclora(c: dict) -> None:
+    for name, what in (("num_samples", "greater than 0"), ("dirichlet_prior", "greater than 0"),
+                       ("buffer_size", "greater than 0")):
+        if c[name] <= 0:
+            raise ConfigError(f"`{name}` must be {what}.")
+
+
+# peft's sub-config dataclasses: field defaults (``init=False`` fields marked by a leading "!"), checks.
+# A dict given for one is completed with these defaults and validated, as peft's dataclass would be.
+_SUBCONFIG_SCHEMAS: dict[str, tuple[dict[str, Any], Any]] = {
+    "eva_config": (
+        {"rho": 2.0, "tau": 0.99, "use_label_mask": True, "label_mask_value": -100, "whiten": False,
+         "adjust_scaling_factors": True},
+        _check_eva,
+    ),
+    "corda_config": (
+        {"cache_file": None, "covariance_file": None, "corda_method": "ipm", "verbose": False,
+         "use_float16_for_covariance": False, "prune_temporary_fields": True},
+        None,
+    ),
+    "lora_ga_config": ({"direction": "ArB2r", "scale": "stable", "stable_gamma": 16}, None),
+    "velora_config": ({"num_groups": 64, "scale": 1.0, "init_type": "batch_average"}, _check_velora),
+    "kasa_config": ({"beta": 1e-4, "gamma": 1e-3}, _check_kasa),
+    "use_bdlora": (
+        {"target_modules_bd_a": None, "target_modules_bd_b": None, "nblocks": 1, "match_strict": True},
+        _check_bdlora,
+    ),
+    "arrow_config": (
+        {"top_k": 3, "router_temperature": 1.0, "use_gks": False, "!task_adapter_names": None,
+         "!gks_adapter_names": None, "rng_seed": None},
+        _check_arrow,
+    ),
+    "monteclora_config": (
+        {"num_samples": 8, "use_entropy": False, "dirichlet_prior": 0.1, "sample_scaler": 1e-4,
+         "kl_loss_weight": 1e-5, "buffer_size": 150},
+        _check_monteclora,
+    ),
 }
 
-_SUBCONFIGS = (
-    "eva_config",
-    "corda_config",
-    "lora_ga_config",
-    "velora_config",
-    "monteclora_config",
-    "kasa_config",
-    "arrow_config",
-    "use_bdlora",
-    "megatron_config",
-)
+
+def _complete_subconfig(name: str, value: Any) -> dict | None:
+    """``value`` (None, dict or dataclass) as the full dict ``peft``'s sub-config dataclass would serialise."""
+    given = _as_dict(name, value)
+    if given is None:
+        return None
+    defaults, check = _SUBCONFIG_SCHEMAS[name]
+    settable = {k for k in defaults if not k.startswith("!")}
+    unknown = set(given) - settable - {k[1:] for k in defaults if k.startswith("!")}
+    # as peft's loader does, fields that are not constructor arguments are reset to their defaults
+    full = {k.lstrip("!"): (given.get(k, v) if k in settable else v) for k, v in defaults.items()}
+    if check is not None:
+        check(full)
+    if unknown:
+        # a newer peft may have grown the sub-config: carry the keys through rather than fail or drop them
+        warnings.warn(
+            f"`{name}` has keys this version does not know {sorted(unknown)}; they are kept and written back",
+            UnknownConfigFieldsWarning,
+            stacklevel=4,
+        )
+        full.update({k: given[k] for k in sorted(unknown)})
+    return full
 
 
 def _as_set(value: Any) -> Any:
@@ -121,8 +196,11 @@ class LoraConfig(PeftConfig):
         super().__post_init__()
         self.target_modules = _as_set(self.target_modules)
         self.exclude_modules = _as_set(self.exclude_modules)
-        for name in _SUBCONFIGS:
-            setattr(self, name, _as_dict(name, getattr(self, name)))
+        for name in _SUBCONFIG_SCHEMAS:
+            setattr(self, name, _complete_subconfig(name, getattr(self, name)))
+        self.megatron_config = _as_dict("megatron_config", self.megatron_config)
+        if self.layer_replication is not None:
+            self.layer_replication = [list(pair) for pair in self.layer_replication]
         self.loftq_config = _as_dict("loftq_config", self.loftq_config) or {}
         self.rank_pattern = dict(self.rank_pattern or {})
         self.alpha_pattern = dict(self.alpha_pattern or {})
@@ -134,8 +212,9 @@ class LoraConfig(PeftConfig):
             raise ConfigError(f"`r` should be a positive integer value but the value passed is {self.r!r}")
         if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)):
             raise ConfigError(f"`lora_alpha` must be a number, got {self.lora_alpha!r}")
-        if not 0.0 <= float(self.lora_dropout) < 1.0:
-            raise ConfigError(f"`lora_dropout` must be in [0, 1), got {self.lora_dropout!r}")
+        dropout = self.lora_dropout
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout <= 1.0:
+            raise ConfigError(f"`lora_dropout` must be a number in [0, 1], got {dropout!r}")
         if self.bias not in ("none", "all", "lora_only"):
             raise ConfigError(f"`bias` must be 'none', 'all' or 'lora_only', got {self.bias!r}")
         init = self.init_lora_weights
@@ -173,14 +252,14 @@ class LoraConfig(PeftConfig):
             warnings.warn("`loftq_config` specified but will be ignored when `init_lora_weights` is not 'loftq'.")
         elif init == "eva" and self.eva_config is None:
             warnings.warn("`init_lora_weights` is 'eva' but `eva_config` is not specified. Using default EVA config.")
-            self.eva_config = dict(_EVA_DEFAULTS)
+            self.eva_config = _complete_subconfig("eva_config", {})
         elif init != "eva" and self.eva_config is not None:
             warnings.warn("`eva_config` specified but will be ignored when `init_lora_weights` is not 'eva'.")
         elif init == "corda" and self.corda_config is None:
             warnings.warn(
                 "`init_lora_weights` is 'corda' but `corda_config` is not specified. Using default CorDA config."
             )
-            self.corda_config = dict(_CORDA_DEFAULTS)
+            self.corda_config = _complete_subconfig("corda_config", {})
         elif init != "corda" and self.corda_config is not None:
             warnings.warn("`corda_config` specified but will be ignored when `init_lora_weights` is not 'corda'.")
 

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import array_api_compat
-import array_api_compat.numpy as np_xp
 import numpy as np
 
 from peftcore._xp import Array, Namespace, array_namespace, dtype_name, is_numpy_namespace, stop_gradient
@@ -78,6 +77,13 @@ class LoadedAdapter(NamedTuple):
     state_dict: dict[str, Array]
     path: Path
     metadata: dict[str, str]
+
+
+def _numpy_namespace() -> Namespace:
+    # imported on first use: array_api_compat.numpy pulls in numpy.typing and friends (~0.2 s)
+    import array_api_compat.numpy
+
+    return array_api_compat.numpy
 
 
 # -- public API ---------------------------------------------------------------------------------
@@ -285,7 +291,7 @@ def _prepare_safetensors(
 def _to_arrays(
     entries: Mapping[str, tuple[str, np.ndarray]], *, path: Path, xp: Namespace | None, device: Any, dtype: Any
 ) -> dict[str, Array]:
-    xp = np_xp if xp is None else xp
+    xp = _numpy_namespace() if xp is None else xp
     cast_to = _resolve_float_dtype(dtype, xp=xp)
     return {
         key: _to_namespace(code, storage, key=key, path=path, xp=xp, device=device, cast_to=cast_to)

@@ -136,7 +136,8 @@ def parse_checkpoint_key(key: str, *, peft_type: Any = "LORA", prefix: str = BAS
     """Split on-disk ``key`` into ``(module_path, container, param)``; ``prefix`` is removed if present.
 
     ``<m>.<C>`` with ``C`` a parameter or weight-stripped container, or ``<m>.<C>.<param>`` with ``C`` a
-    module container. Raises ``IncompatibleKeysError`` naming the key when it fits no container.
+    module container. ``<m>.<C>.weight`` for a weight-stripped ``C`` is accepted as an alias of ``<m>.<C>``.
+    Raises ``IncompatibleKeysError`` naming the key when it fits no container.
     """
     spec = _spec(peft_type)
     body = key[len(prefix):] if prefix and key.startswith(prefix) else key
@@ -144,6 +145,10 @@ def parse_checkpoint_key(key: str, *, peft_type: Any = "LORA", prefix: str = BAS
     if last in spec.parameter_containers or last in spec.weight_stripped_containers:
         return ParsedKey(head, last, None)
     module_path, _, container = head.rpartition(".")
+    if container in spec.weight_stripped_containers and last == _STRIPPED_PARAM:
+        # peft also writes this unstripped form (an embedding targeted with DoRA and saved with
+        # save_embedding_layers) and loads it like the stripped one; read it as the canonical key
+        return ParsedKey(module_path, container, None)
     if container in spec.module_containers and container not in spec.weight_stripped_containers and last:
         return ParsedKey(module_path, container, last)
     raise IncompatibleKeysError(

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from peftcore._files import atomic_write_text
+from peftcore.constants import CONFIG_NAME
 from peftcore.errors import AdapterFileError, AdapterNotFoundError, ConfigError, UnknownPeftTypeError
 
 __all__ = [
@@ -28,8 +29,6 @@ __all__ = [
     "TaskType",
     "UnknownConfigFieldsWarning",
 ]
-
-CONFIG_NAME = "adapter_config.json"
 
 # The ``peft`` release whose file format peftcore reads and writes; written as
 # ``peft_version`` so that ``peft``'s version-gated checks see a current file.

@@ -145,7 +145,7 @@ def conv_cases(draw, *, groups=None, max_nd=3, dilated=True):
     x = rng.standard_normal((2, in_c, *spatial))
     norm = ref.conv_norm(weight, lora_A, lora_B, scaling)
     magnitude = norm * rng.uniform(0.5, 1.5, norm.shape)
-    result = ref.conv_nd(x, weight, stride=stride, padding=padding, dilation=dilation, groups=groups)
+    result = ref.conv(x, weight, stride=stride, padding=padding, dilation=dilation, groups=groups)
     if bias is not None:
         result = result + bias.reshape((1, -1) + (1,) * nd)
     running = result + 0.3 * rng.standard_normal(result.shape)
@@ -346,7 +346,7 @@ def test_conv_merge_unmerge(xp, call, dtype, case):
     assert_close(norm, want_norm, xp=xp)
     # the merged conv reproduces the DoRA forward (no dropout)
     merged_np = to_numpy(merged).astype(np.float64)
-    dense = ref.conv_nd(case.x, merged_np, **case.conv_kwargs)
+    dense = ref.conv(case.x, merged_np, **case.conv_kwargs)
     if case.bias is not None:
         dense = dense + case.bias.reshape((1, -1) + (1,) * (case.x.ndim - 2))
     expected = ref.conv_forward(case.result, case.x, case.lora_A, case.lora_B, case.magnitude, case.weight,

@@ -1,6 +1,6 @@
 """Float64 NumPy reference for DoRA (weight-decomposed LoRA), written from the formulas.
 
-Self-contained: never imports peftcore. Orientation follows torch: ``A (r, in)``, ``B (out, r)``,
+Never imports peftcore; convolutions come from the plain-LoRA reference (``tests/reference/lora.py``). Orientation follows torch: ``A (r, in)``, ``B (out, r)``,
 Linear ``W (out, in)`` (``(in, out)`` when ``fan_in_fan_out``), Embedding ``W (num_emb, dim)``,
 ``A (r, num_emb)``, ``B (dim, r)``, Conv ``W (out, in/groups, *k)``, ``A (r, in, *k)``,
 ``B (out, r/groups, 1, ..)``.
@@ -11,9 +11,9 @@ DoRA (Liu et al. 2024, as in peft):  ``g = m / ‖W' + sBA‖_row`` with the nor
 
 from __future__ import annotations
 
-import itertools
-
 import numpy as np
+
+from tests.reference.lora import conv, embedding_update
 
 
 def _oriented(weight, fan_in_fan_out):
@@ -66,14 +66,9 @@ def unmerge(weight, delta, magnitude, norm, *, fan_in_fan_out=False):
 # ------------------------------------------------------------------------------------------- Embedding
 
 
-def embedding_lookup(indices, table, *, max_norm=None, norm_type=2.0):
-    """``table[indices]``; with ``max_norm``, looked-up rows whose p-norm exceeds it are rescaled
-    by ``max_norm / (norm + 1e-7)`` (torch's ``embedding_renorm_``)."""
-    rows = table[indices]
-    if max_norm is None:
-        return rows
-    norms = np.sum(np.abs(rows) ** norm_type, axis=-1, keepdims=True) ** (1.0 / norm_type)
-    return np.where(norms > max_norm, rows * (max_norm / (norms + 1e-7)), rows)
+def _lookup(indices, table, *, max_norm=None, norm_type=2.0):
+    """``table[indices]`` with torch's ``max_norm`` renormalisation (via the plain-LoRA reference)."""
+    return embedding_update(indices, table.T, np.eye(table.shape[1]), 1.0, max_norm=max_norm, norm_type=norm_type)
 
 
 def embedding_norm(weight, lora_A, lora_B, scaling):
@@ -86,7 +81,7 @@ def embedding_forward(result, indices, lora_A, lora_B, magnitude, weight, scalin
     """``g·result + g·s·(Aᵀ[idx] Bᵀ)·embed_scale``."""
     norm = embedding_norm(weight, lora_A, lora_B, scaling)
     g = magnitude / (norm if frozen_norm is None else frozen_norm)
-    update = scaling * (embedding_lookup(indices, lora_A.T, max_norm=max_norm, norm_type=norm_type) @ lora_B.T)
+    update = scaling * (_lookup(indices, lora_A.T, max_norm=max_norm, norm_type=norm_type) @ lora_B.T)
     if embed_scale is not None:
         update = update * embed_scale
     return g * result + g * update
@@ -100,39 +95,6 @@ def embedding_dense(indices, lora_A, lora_B, magnitude, weight, scaling):
 
 
 # ------------------------------------------------------------------------------------------------ Conv
-
-
-def _per_dim(value, n):
-    return tuple(value) if isinstance(value, (tuple, list)) else (value,) * n
-
-
-def conv_nd(x, weight, *, stride=1, padding=0, dilation=1, groups=1):
-    """torch ``convNd`` (cross-correlation), ``x (batch, C, *spatial)``, by summing kernel taps."""
-    n = weight.ndim - 2
-    stride, dilation, kernel = _per_dim(stride, n), _per_dim(dilation, n), weight.shape[2:]
-    if padding == "valid":
-        pads = [(0, 0)] * n
-    elif padding == "same":
-        totals = [d * (k - 1) for d, k in zip(dilation, kernel)]
-        pads = [(t // 2, t - t // 2) for t in totals]
-    else:
-        pads = [(p, p) for p in _per_dim(padding, n)]
-    xpad = np.pad(x, [(0, 0), (0, 0), *pads])
-    out_sp = [(xpad.shape[2 + i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1 for i in range(n)]
-    cin_g, cout_g = weight.shape[1], weight.shape[0] // groups
-    out = np.zeros((x.shape[0], weight.shape[0], *out_sp), dtype=np.result_type(x, weight))
-    for tap in itertools.product(*[range(k) for k in kernel]):
-        window = tuple(
-            slice(tap[i] * dilation[i], tap[i] * dilation[i] + stride[i] * (out_sp[i] - 1) + 1, stride[i])
-            for i in range(n)
-        )
-        patch = xpad[(slice(None), slice(None), *window)]
-        for grp in range(groups):
-            w_tap = weight[(slice(grp * cout_g, (grp + 1) * cout_g), slice(None), *tap)]
-            out[:, grp * cout_g:(grp + 1) * cout_g] += np.einsum(
-                "bc...,oc->bo...", patch[:, grp * cin_g:(grp + 1) * cin_g], w_tap
-            )
-    return out
 
 
 def conv_lora_weight(weight_shape, lora_A, lora_B):
@@ -163,10 +125,10 @@ def conv_forward(result, x, lora_A, lora_B, magnitude, weight, bias, scaling, *,
     g = magnitude / (norm if frozen_norm is None else frozen_norm)
     spatial = (1,) * (x.ndim - 2)
     if recompute_base:
-        base = conv_nd(x, weight, stride=stride, padding=padding, dilation=dilation, groups=groups)
+        base = conv(x, weight, stride=stride, padding=padding, dilation=dilation, groups=groups)
     else:
         base = result - (0.0 if bias is None else bias.reshape((1, -1) + spatial))
-    lora = conv_nd(conv_nd(x, lora_A, stride=stride, padding=padding), lora_B, groups=groups)
+    lora = conv(conv(x, lora_A, stride=stride, padding=padding), lora_B, groups=groups)
     return result + (g - 1.0) * base + g * scaling * lora
 
 

@@ -3,6 +3,9 @@
 * ``PEFTCORE_TEST_BACKENDS=numpy,torch`` picks a subset (default: all).
 * Locally a backend whose library is missing is skipped; with ``CI`` set every
   backend must import, and any skipped test fails the run.
+* A test that cannot run on a backend (NumPy has no bfloat16) declares it with
+  ``@pytest.mark.unsupported_on(Backend.NUMPY, reason=...)``: that combination is
+  never generated, so it is neither run nor counted as a skip.
 * ``call(fn, *arrays, **static)`` runs a core function, and under
   ``Backend.JAX_JIT`` runs it through ``jax.jit`` with the keywords static, so a
   core function that branches on array values fails here, not in a user's
@@ -64,7 +67,20 @@ def _backend_params() -> list:
     return params
 
 
-@pytest.fixture(scope="session", params=_backend_params())
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "backend" not in metafunc.fixturenames:
+        return
+    excluded = set()
+    for marker in metafunc.definition.iter_markers("unsupported_on"):
+        reason = marker.kwargs.get("reason")
+        if not marker.args or not all(isinstance(b, Backend) for b in marker.args) or not reason:
+            raise TypeError(f"{metafunc.definition.nodeid}: unsupported_on needs Backend members and a reason")
+        excluded.update(marker.args)
+    params = [p for p in _backend_params() if p.values[0] not in excluded]
+    metafunc.parametrize("backend", params, indirect=True, scope="session")
+
+
+@pytest.fixture(scope="session")
 def backend(request: pytest.FixtureRequest) -> Backend:
     return request.param
 
@@ -86,17 +102,6 @@ def call(backend: Backend):
         return jax.jit(functools.partial(fn, **static))(*arrays)
 
     return jitted
-
-
-@pytest.fixture(autouse=True)
-def _skip_backend_marker(request: pytest.FixtureRequest) -> None:
-    for marker in request.node.iter_markers("skip_backend"):
-        target = marker.args[0] if marker.args else marker.kwargs.get("backend")
-        reason = marker.kwargs.get("reason") or (marker.args[1] if len(marker.args) > 1 else None)
-        if not isinstance(target, Backend) or not reason:
-            raise TypeError("skip_backend needs a peftcore.testing.Backend and a reason")
-        if "backend" in request.fixturenames and request.getfixturevalue("backend") is target:
-            pytest.skip(f"{target.value}: {reason}")
 
 
 _skipped: list[str] = []

@@ -16,8 +16,8 @@ from tests.reference import lora as ref
 
 FLOATS = ["float64", "float32"]
 HALF_ONLY_ON_TORCH_JAX = [
-    pytest.mark.skip_backend(Backend.NUMPY, reason="half-precision rules are checked where bfloat16 exists"),
-    pytest.mark.skip_backend(Backend.ARRAY_API_STRICT, reason="half precision is outside the standard"),
+    pytest.mark.unsupported_on(Backend.NUMPY, reason="half-precision rules are checked where bfloat16 exists"),
+    pytest.mark.unsupported_on(Backend.ARRAY_API_STRICT, reason="half precision is outside the standard"),
 ]
 
 

@@ -6,6 +6,8 @@ from types import SimpleNamespace
 
 import pytest
 
+from peftcore import LoraConfig
+
 from peftcore.errors import ConfigError, NoMatchingModuleError, UnknownPeftTypeError
 from peftcore.matching import (
     MatchOutcome,
@@ -36,14 +38,6 @@ def make_config(**kwargs):
     return SimpleNamespace(**values)
 
 
-def _lora_config_cls():
-    try:
-        from peftcore.methods.lora.config import LoraConfig
-    except ImportError:
-        return None
-    return LoraConfig
-
-
 @pytest.mark.parametrize("case", MATCH_CASES, ids=lambda c: c.id)
 def test_match_case_table(case: MatchCase):
     config = make_config(**case.config)
@@ -53,9 +47,6 @@ def test_match_case_table(case: MatchCase):
 
 @pytest.mark.parametrize("case", MATCH_CASES, ids=lambda c: c.id)
 def test_match_case_table_through_peftcore_lora_config(case: MatchCase):
-    LoraConfig = _lora_config_cls()
-    if LoraConfig is None:
-        pytest.skip("peftcore.methods.lora.config.LoraConfig is not written yet")
     config = LoraConfig(**case.config)
     assert match_module(config, case.key).value == case.expected
 

@@ -38,12 +38,25 @@ Namespace = Any
 _HALF_NAMES = ("float16", "bfloat16")
 
 
+_NAMESPACES: dict[frozenset[type], Namespace] = {}
+
+
 def array_namespace(*arrays: Array | None) -> Namespace:
-    """The standard namespace shared by ``arrays`` (``None`` entries are ignored)."""
-    present = [a for a in arrays if a is not None]
-    if not present:
+    """The standard namespace shared by ``arrays`` (``None`` entries are ignored).
+
+    The namespace depends only on the array types, so it is cached per set of types: the
+    lookup runs on every adapter layer call of an eager model.
+    """
+    key = frozenset(type(a) for a in arrays if a is not None)
+    try:
+        return _NAMESPACES[key]
+    except KeyError:
+        pass
+    if not key:
         raise TypeError("cannot infer an array namespace: no array arguments were given")
-    return array_api_compat.array_namespace(*present)
+    xp = array_api_compat.array_namespace(*(a for a in arrays if a is not None))
+    _NAMESPACES[key] = xp
+    return xp
 
 
 def dtype_name(dtype: Any) -> str:

@@ -89,7 +89,8 @@ def linear_update(
             f"lora_A {tuple(lora_A.shape)} (r, in)"
         )
     x = _cast(x, lora_A.dtype, xp=xp)
-    update = xp.matmul(xp.matmul(x, xp.matrix_transpose(lora_A)), xp.matrix_transpose(lora_B))
+    # operators on 2-D factors (standard ``@`` and ``.T``) skip array-api-compat's wrappers: this is the hot path
+    update = (x @ lora_A.T) @ _cast(lora_B, lora_A.dtype, xp=xp).T
     if lora_B_bias is not None:
         update = update + lora_B_bias
     return update * scaling

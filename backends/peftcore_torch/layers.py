@@ -1,0 +1,475 @@
+"""Torch modules that hold LoRA parameters and call ``peftcore`` for all of their math.
+
+``LoraLayer`` wraps one base module (``nn.Linear``, GPT-2 ``Conv1D``, ``nn.Embedding``,
+``nn.Conv1d/2d/3d``) and names its containers exactly as ``peft``'s LoRA layers do, so
+``state_dict()`` keys are peft's (``<m>.lora_A.<adapter>.weight``, ``<m>.base_layer.weight``, ...).
+``ModulesToSaveWrapper`` is peft's full-fine-tuning wrapper (``original_module`` +
+``modules_to_save.<adapter>``).
+"""
+
+from __future__ import annotations
+
+import copy
+from numbers import Real
+from typing import Any
+
+import torch
+from torch import nn
+
+from peftcore.errors import MergeError, UnsupportedLayerError
+from peftcore.methods.lora import dora, init, ops
+from peftcore.random import Sampler
+
+__all__ = ["AdapterWeight", "LoraLayer", "ModulesToSaveWrapper", "is_gpt2_conv1d", "layer_kind"]
+
+_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_FACTOR_CONTAINERS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+
+
+def is_gpt2_conv1d(module: nn.Module) -> bool:
+    """True for transformers' GPT-2 ``Conv1D`` (a linear layer storing its weight ``(in, out)``)."""
+    return any(
+        cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers") for cls in type(module).__mro__
+    )
+
+
+def layer_kind(module: nn.Module) -> str | None:
+    """``"linear"``, ``"conv1d_gpt2"``, ``"embedding"``, ``"conv"`` or ``None`` (not adaptable)."""
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    if isinstance(module, _CONV_TYPES):
+        return "conv"
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if is_gpt2_conv1d(module):
+        return "conv1d_gpt2"
+    return None
+
+
+class AdapterWeight(nn.Module):
+    """Holds one adapter tensor as ``.weight`` (and ``lora_B``'s optional ``.bias``); has no forward.
+
+    It stands where peft keeps an ``nn.Linear``/``nn.Conv`` per adapter, so the keys stay peft's
+    while the math stays in ``peftcore``.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight)
+        if bias is None:
+            self.register_parameter("bias", None)
+        else:
+            self.bias = nn.Parameter(bias)
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        raise TypeError("AdapterWeight only holds parameters; LoraLayer.forward computes the adapter branch")
+
+    def extra_repr(self) -> str:
+        return f"shape={tuple(self.weight.shape)}, dtype={self.weight.dtype}, bias={self.bias is not None}"
+
+
+class LoraLayer(nn.Module):
+    """A base module plus any number of named LoRA adapters (peft's ``lora.Linear``/``Embedding``/``ConvNd``).
+
+    ``forward``: disabled -> base (unmerging first if merged); merged -> base; else ``base(x)`` plus,
+    for each active adapter in order, its LoRA (or DoRA) branch from ``peftcore.methods.lora``.
+    """
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        kind = layer_kind(base_layer)
+        if kind is None:
+            raise UnsupportedLayerError(
+                f"LoRA cannot adapt a {type(base_layer).__module__}.{type(base_layer).__name__}; supported: "
+                "torch.nn.Linear, transformers Conv1D, torch.nn.Embedding, torch.nn.Conv1d/Conv2d/Conv3d"
+            )
+        self.base_layer = base_layer
+        self.kind = kind
+        self.fan_in_fan_out = kind == "conv1d_gpt2"
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+        self.lora_magnitude_vector = nn.ModuleDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.use_dora: dict[str, bool] = {}
+        self.lora_bias: dict[str, bool] = {}
+        self.merged_adapters: list[str] = []
+        self._dora_norms: dict[str, torch.Tensor] = {}
+        self._active_adapters: list[str] = []
+        self._disable_adapters = False
+        if kind in ("linear", "conv1d_gpt2"):
+            weight = base_layer.weight
+            self.in_features, self.out_features = weight.shape[::-1] if kind == "linear" else weight.shape
+        elif kind == "embedding":
+            self.in_features, self.out_features = base_layer.num_embeddings, base_layer.embedding_dim
+        else:
+            self.in_features, self.out_features = base_layer.in_channels, base_layer.out_channels
+
+    # -- peft's attribute surface ----------------------------------------------------------------
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    @property
+    def adapter_names(self) -> list[str]:
+        """Names of the adapters this layer holds, in insertion order."""
+        return list(self.r)
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active_adapters)
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    @property
+    def disable_adapters(self) -> bool:
+        return self._disable_adapters
+
+    def get_base_layer(self) -> nn.Module:
+        return self.base_layer
+
+    # -- adapters --------------------------------------------------------------------------------
+
+    def update_layer(
+        self,
+        adapter_name: str,
+        *,
+        r: int,
+        lora_alpha: float,
+        config: Any,
+        sampler: Sampler,
+        autocast_adapter_dtype: bool = True,
+    ) -> None:
+        """Create adapter ``adapter_name`` (peft's ``LoraLayer.update_layer``) with the core's initialisation.
+
+        PiSSA/OLoRA rewrite the base weight in place (``copy_``, so the parameter object survives).
+        """
+        if adapter_name in self.r:
+            raise ValueError(f"adapter {adapter_name!r} already exists on this {self.kind} layer")
+        scaling = ops.scaling(r, lora_alpha, use_rslora=bool(config.use_rslora))
+        base = self.base_layer
+        weight = base.weight.detach()
+        dtype = init.adapter_dtype(weight.dtype, autocast_adapter_dtype=autocast_adapter_dtype)
+        common = dict(r=r, init_lora_weights=config.init_lora_weights, sampler=sampler, scaling=scaling, dtype=dtype)
+        lora_bias = bool(getattr(config, "lora_bias", False))
+        use_dora = bool(config.use_dora)
+        if self.kind == "embedding":
+            start = init.init_embedding(weight, **common)
+        elif self.kind == "conv":
+            start = init.init_conv(weight, groups=base.groups, lora_bias=lora_bias, **common)
+        else:
+            start = init.init_linear(weight, fan_in_fan_out=self.fan_in_fan_out, lora_bias=lora_bias, **common)
+        if start.weight is not weight:
+            with torch.no_grad():
+                base.weight.copy_(start.weight)
+
+        self.r[adapter_name] = r
+        self.lora_alpha[adapter_name] = lora_alpha
+        self.scaling[adapter_name] = scaling
+        self.use_dora[adapter_name] = use_dora
+        self.lora_bias[adapter_name] = lora_bias
+        dropout = config.lora_dropout
+        self.lora_dropout[adapter_name] = nn.Dropout(p=dropout) if dropout > 0 else nn.Identity()
+        if self.kind == "embedding":
+            self.lora_embedding_A[adapter_name] = nn.Parameter(start.lora_A)
+            self.lora_embedding_B[adapter_name] = nn.Parameter(start.lora_B)
+        else:
+            self.lora_A[adapter_name] = AdapterWeight(start.lora_A)
+            self.lora_B[adapter_name] = AdapterWeight(start.lora_B, start.lora_B_bias)
+        if use_dora:
+            self.lora_magnitude_vector[adapter_name] = AdapterWeight(self._magnitude_init(adapter_name).to(dtype))
+        if not self._active_adapters:
+            self._active_adapters = [adapter_name]
+        self.set_adapter(self._active_adapters)
+
+    def _factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        if self.kind == "embedding":
+            return self.lora_embedding_A[adapter_name], self.lora_embedding_B[adapter_name], None
+        return self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight, self.lora_B[adapter_name].bias
+
+    def _magnitude_init(self, adapter_name: str) -> torch.Tensor:
+        lora_A, lora_B, _ = (t.detach() if t is not None else None for t in self._factors(adapter_name))
+        weight, scaling = self.base_layer.weight.detach(), self.scaling[adapter_name]
+        if self.kind == "embedding":
+            return dora.embedding_magnitude_init(weight, lora_A, lora_B, scaling=scaling)
+        if self.kind == "conv":
+            return dora.conv_magnitude_init(weight, lora_A, lora_B, scaling=scaling)
+        return dora.magnitude_init(weight, lora_A, lora_B, scaling=scaling, fan_in_fan_out=self.fan_in_fan_out)
+
+    def _adapter_parameters(self, adapter_name: str) -> list[nn.Parameter]:
+        params = []
+        for name in _FACTOR_CONTAINERS:
+            container = getattr(self, name)
+            if adapter_name in container:
+                entry = container[adapter_name]
+                params.extend(entry.parameters() if isinstance(entry, nn.Module) else [entry])
+        return params
+
+    def set_adapter(self, adapter_names: str | list[str], *, inference_mode: bool = False) -> None:
+        """Activate ``adapter_names`` (in order); only their parameters require grad (none in inference mode)."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for adapter in self.r:
+            trainable = adapter in names and not inference_mode
+            for param in self._adapter_parameters(adapter):
+                param.requires_grad_(trainable)
+        self._active_adapters = names
+
+    def enable_adapters(self, enabled: bool) -> None:
+        """peft's ``enable_adapters``: disabling also stops gradients to every adapter parameter."""
+        if enabled:
+            self.set_adapter(self._active_adapters)
+            self._disable_adapters = False
+        else:
+            for adapter in self.r:
+                for param in self._adapter_parameters(adapter):
+                    param.requires_grad_(False)
+            self._disable_adapters = True
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove ``adapter_name``; a merged adapter must be unmerged first."""
+        if adapter_name in self.merged_adapters:
+            raise MergeError(f"adapter {adapter_name!r} is merged into this layer; unmerge it before deleting it")
+        for name in (*_FACTOR_CONTAINERS, "lora_dropout"):
+            container = getattr(self, name)
+            if adapter_name in container:
+                del container[adapter_name]
+        for table in (self.r, self.lora_alpha, self.scaling, self.use_dora, self.lora_bias, self._dora_norms):
+            table.pop(adapter_name, None)
+        self._active_adapters = [name for name in self._active_adapters if name != adapter_name]
+
+    # -- forward ---------------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is not None:
+            raise NotImplementedError("mixed-adapter batches (adapter_names=...) are not supported yet")
+        if self._disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        active = [name for name in self._active_adapters if name in self.r]
+        if self.merged or not active:
+            return result
+        # peft adds each update to the promoted running result and casts back once, at the end
+        running = result
+        for adapter_name in active:
+            running = self._add_branch(running, x, adapter_name)
+        return running.to(result.dtype)
+
+    def _add_branch(self, running: torch.Tensor, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        lora_A, lora_B, lora_B_bias = self._factors(adapter_name)
+        running = running.to(torch.promote_types(running.dtype, lora_A.dtype))
+        scaling = self.scaling[adapter_name]
+        base = self.base_layer
+        if self.kind == "embedding":
+            options = dict(scaling=scaling, max_norm=base.max_norm, norm_type=base.norm_type,
+                           embed_scale=self._embed_scale(), padding_idx=base.padding_idx)
+            if self.use_dora[adapter_name]:
+                magnitude = self.lora_magnitude_vector[adapter_name].weight
+                return dora.embedding_forward(running, x, lora_A, lora_B, magnitude, base.weight, **options)
+            return ops.embedding_forward(running, x, lora_A, lora_B, **options)
+
+        x = x.to(lora_A.dtype)
+        dropout = self.lora_dropout[adapter_name]
+        conv_options = {}
+        if self.kind == "conv":
+            conv_options = dict(stride=base.stride, padding=base.padding, groups=base.groups)
+        if not self.use_dora[adapter_name]:
+            branch = ops.conv_forward if self.kind == "conv" else ops.linear_forward
+            return branch(running, dropout(x), lora_A, lora_B, lora_B_bias, scaling=scaling, **conv_options)
+        # DoRA reuses the base result unless dropout really drops, then recomputes the base on the dropped x
+        recompute_base = self.training and not isinstance(dropout, nn.Identity)
+        x = dropout(x) if recompute_base else x
+        magnitude = self.lora_magnitude_vector[adapter_name].weight
+        if self.kind == "conv":
+            return dora.conv_forward(running, x, lora_A, lora_B, magnitude, base.weight, base.bias, scaling=scaling,
+                                     dilation=base.dilation, recompute_base=recompute_base, **conv_options)
+        return dora.linear_forward(running, x, lora_A, lora_B, magnitude, base.weight, base.bias, scaling=scaling,
+                                   fan_in_fan_out=self.fan_in_fan_out, recompute_base=recompute_base)
+
+    def _embed_scale(self) -> torch.Tensor | None:
+        # peft's _get_embed_scale: a scalar attribute of the base (Gemma's scaled embeddings), in the base dtype
+        scale = getattr(self.base_layer, "embed_scale", None)
+        weight = self.base_layer.weight
+        if isinstance(scale, Real):
+            return torch.tensor(scale, dtype=weight.dtype, device=weight.device)
+        if isinstance(scale, torch.Tensor) and scale.numel() == 1:
+            return scale
+        return None
+
+    # -- merge -----------------------------------------------------------------------------------
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """``ΔW`` of ``adapter_name`` in the base weight's layout (peft's ``get_delta_weight``), detached."""
+        lora_A, lora_B, _ = self._factors(adapter_name)
+        lora_A, lora_B, scaling = lora_A.detach(), lora_B.detach(), self.scaling[adapter_name]
+        if self.kind == "embedding":
+            return ops.embedding_delta_weight(lora_A, lora_B, scaling=scaling)
+        if self.kind == "conv":
+            return ops.conv_delta_weight(lora_A, lora_B, scaling=scaling, groups=self.base_layer.groups)
+        return ops.delta_weight(lora_A, lora_B, scaling=scaling, fan_in_fan_out=self.fan_in_fan_out)
+
+    def _merged_weight(self, weight: torch.Tensor, adapter_name: str, *, safe: bool, base_weight: torch.Tensor | None,
+                       name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        delta = self.delta_weight(adapter_name)
+        if not self.use_dora[adapter_name]:
+            if self.kind == "embedding":
+                delta = delta.to(weight.dtype)  # peft's Embedding merge rounds ΔW to the weight dtype first
+            return ops.merge(weight, delta, safe=safe, name=name), None
+        magnitude = self.lora_magnitude_vector[adapter_name].weight.detach()
+        if self.kind == "embedding":
+            return dora.embedding_merge(weight, delta, magnitude, base_weight, safe=safe, name=name)
+        if self.kind == "conv":
+            return dora.conv_merge(weight, delta, magnitude, base_weight, safe=safe, name=name)
+        return dora.merge(weight, delta, magnitude, base_weight, safe=safe, name=name,
+                          fan_in_fan_out=self.fan_in_fan_out)
+
+    def _unmerged_weight(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        delta = self.delta_weight(adapter_name)
+        if not self.use_dora[adapter_name]:
+            return ops.unmerge(weight, delta)
+        magnitude = self.lora_magnitude_vector[adapter_name].weight.detach()
+        norm = self._dora_norms[adapter_name]
+        if self.kind == "embedding":
+            return dora.embedding_unmerge(weight, delta, magnitude, norm)
+        if self.kind == "conv":
+            return dora.conv_unmerge(weight, delta, magnitude, norm)
+        return dora.unmerge(weight, delta, magnitude, norm, fan_in_fan_out=self.fan_in_fan_out)
+
+    def merge(self, *, safe_merge: bool = False, adapter_names: list[str] | None = None, name: str = "") -> None:
+        """Fold adapters (default: the active ones) into the base weight in place (peft's ``merge``).
+
+        ``safe_merge`` checks each merged weight for inf/nan before writing it (``MergeError``). A DoRA
+        adapter merged after others gets its norm from the weight with those taken out (peft 0.21).
+        """
+        names = self._active_adapters if adapter_names is None else list(adapter_names)
+        label = name or self.kind
+        for adapter_name in names:
+            if adapter_name not in self.r or adapter_name in self.merged_adapters:
+                continue
+            weight = self.base_layer.weight.detach()
+            base_weight = self._unmerged_base_weight() if self.use_dora[adapter_name] and self.merged else None
+            merged, norm = self._merged_weight(weight, adapter_name, safe=safe_merge, base_weight=base_weight,
+                                               name=label)
+            new_bias = None
+            if self.lora_bias[adapter_name]:
+                new_bias = ops.merge_bias(
+                    None if self.base_layer.bias is None else self.base_layer.bias.detach(),
+                    self.lora_B[adapter_name].bias.detach(), scaling=self.scaling[adapter_name], safe=safe_merge,
+                    name=label,
+                )
+            with torch.no_grad():
+                self.base_layer.weight.copy_(merged)
+                if new_bias is not None:
+                    self.base_layer.bias.copy_(new_bias)
+            if norm is not None:
+                self._dora_norms[adapter_name] = norm
+            self.merged_adapters.append(adapter_name)
+
+    def unmerge(self) -> None:
+        """Take every merged adapter out of the base weight, last merged first (peft's ``unmerge``)."""
+        while self.merged_adapters:
+            adapter_name = self.merged_adapters[-1]
+            weight = self._unmerged_weight(self.base_layer.weight.detach(), adapter_name)
+            with torch.no_grad():
+                self.base_layer.weight.copy_(weight)
+                if self.lora_bias[adapter_name]:
+                    bias = ops.unmerge_bias(self.base_layer.bias.detach(), self.lora_B[adapter_name].bias.detach(),
+                                            scaling=self.scaling[adapter_name])
+                    self.base_layer.bias.copy_(bias)
+            self._dora_norms.pop(adapter_name, None)
+            self.merged_adapters.pop()
+
+    def _unmerged_base_weight(self) -> torch.Tensor:
+        weight = self.base_layer.weight.detach()
+        for adapter_name in reversed(self.merged_adapters):
+            weight = self._unmerged_weight(weight, adapter_name)
+        return weight
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind!r}, adapters={self.adapter_names}, active={self._active_adapters}"
+
+
+class ModulesToSaveWrapper(nn.Module):
+    """peft's ``ModulesToSaveWrapper``: a trainable copy of a module per adapter, the original kept frozen.
+
+    Forward runs the active adapter's copy (the original when none is active or adapters are disabled).
+    """
+
+    def __init__(self, module_to_save: nn.Module, adapter_name: str) -> None:
+        super().__init__()
+        self.original_module = module_to_save
+        self.modules_to_save = nn.ModuleDict()
+        self._active_adapters: list[str] = []
+        self._disable_adapters = False
+        self.update(adapter_name)
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active_adapters)
+
+    @property
+    def disable_adapters(self) -> bool:
+        return self._disable_adapters
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.modules_to_save)
+
+    def update(self, adapter_name: str) -> None:
+        """Add a fresh copy of the original module for ``adapter_name`` (frozen unless it is active)."""
+        if adapter_name not in self.modules_to_save:
+            self.modules_to_save[adapter_name] = copy.deepcopy(self.original_module)
+        self.original_module.requires_grad_(False)
+        self.modules_to_save[adapter_name].requires_grad_(adapter_name in self._active_adapters)
+
+    def set_adapter(self, adapter_names: str | list[str], *, inference_mode: bool = False) -> None:
+        """Activate at most one adapter's copy (peft refuses several); only it requires grad."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        names = [name for name in names if name in self.modules_to_save]
+        if len(names) > 1:
+            raise ValueError(f"modules_to_save cannot activate several adapters at once, got {names}")
+        for name, module in self.modules_to_save.items():
+            module.requires_grad_(name in names and not inference_mode)
+        self._active_adapters = names
+
+    def enable_adapters(self, enabled: bool) -> None:
+        if enabled:
+            self.set_adapter(self._active_adapters)
+        else:
+            for module in self.modules_to_save.values():
+                module.requires_grad_(False)
+        self._disable_adapters = not enabled
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name in self.modules_to_save:
+            del self.modules_to_save[adapter_name]
+        self._active_adapters = [name for name in self._active_adapters if name != adapter_name]
+
+    def active_module(self) -> nn.Module:
+        if self._disable_adapters or not self._active_adapters:
+            return self.original_module
+        return self.modules_to_save[self._active_adapters[0]]
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.active_module()(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name.startswith("_") or name in ("original_module", "modules_to_save"):
+                raise
+            return getattr(self.active_module(), name)

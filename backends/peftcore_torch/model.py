@@ -1,0 +1,337 @@
+"""``PeftModel`` / ``LoraModel`` / ``get_peft_model``: peft's model-level API over ``LoraLayer``s.
+
+The module tree is peft's (``PeftModel.base_model`` is a ``LoraModel`` whose ``.model`` is the user's
+model), so state-dict keys read ``base_model.model.<path>...`` exactly as peft's do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import warnings
+from collections.abc import Iterator
+from typing import Any, Literal
+
+import array_api_compat.torch as torch_xp
+from torch import nn
+
+from peftcore.errors import AdapterFileError, ConfigError, MergeError
+from peftcore.io import load_adapter as _read_adapter
+from peftcore.io import save_adapter as _write_adapter
+from peftcore.methods.lora import LoraConfig
+from peftcore.naming import DEFAULT_ADAPTER_NAME
+from peftcore.random import Sampler
+from peftcore_torch.inject import adapter_layers, inject_adapter, set_active_adapters
+from peftcore_torch.layers import LoraLayer, ModulesToSaveWrapper
+from peftcore_torch.state import LoadReport, get_peft_model_state_dict, set_peft_model_state_dict
+
+__all__ = ["LoraModel", "PeftModel", "get_peft_model"]
+
+
+def get_peft_model(
+    model: nn.Module,
+    peft_config: LoraConfig,
+    adapter_name: str = DEFAULT_ADAPTER_NAME,
+    *,
+    autocast_adapter_dtype: bool = True,
+    sampler: Sampler | None = None,
+) -> PeftModel:
+    """Wrap ``model`` (any ``nn.Module``) with a LoRA adapter (``peft.get_peft_model``).
+
+    The base is frozen; float16/bfloat16 bases get float32 adapters unless ``autocast_adapter_dtype=False``;
+    random initialisations draw from torch's global RNG (or ``sampler``).
+    """
+    peft_config.base_model_name_or_path = model.__dict__.get("name_or_path", None) or None
+    return PeftModel(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+                     sampler=sampler)
+
+
+class LoraModel(nn.Module):
+    """peft's tuner module: holds the user model as ``.model`` and manages its adapter layers."""
+
+    prefix = "lora_"
+
+    def __init__(self, model: nn.Module, peft_config: LoraConfig | dict[str, LoraConfig], adapter_name: str, *,
+                 autocast_adapter_dtype: bool = True, sampler: Sampler | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.peft_config: dict[str, LoraConfig] = {}
+        self.active_adapters: list[str] = [adapter_name]
+        configs = peft_config if isinstance(peft_config, dict) else {adapter_name: peft_config}
+        for name, config in configs.items():
+            self.inject_adapter(name, config, autocast_adapter_dtype=autocast_adapter_dtype, sampler=sampler)
+        self.model.peft_config = self.peft_config
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        return self.active_adapters[0] if len(self.active_adapters) == 1 else list(self.active_adapters)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model" or name.startswith("_"):
+                raise
+            return getattr(self.model, name)
+
+    def inject_adapter(self, adapter_name: str, config: LoraConfig, *, autocast_adapter_dtype: bool = True,
+                       sampler: Sampler | None = None) -> None:
+        inject_adapter(self.model, config, adapter_name, active_adapters=self.active_adapters,
+                       configs=self.peft_config, autocast_adapter_dtype=autocast_adapter_dtype, sampler=sampler)
+
+    def _layers(self) -> list[tuple[str, LoraLayer | ModulesToSaveWrapper]]:
+        return adapter_layers(self.model)
+
+    def set_adapter(self, adapter_name: str | list[str], *, inference_mode: bool = False) -> None:
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        unknown = [name for name in names if name not in self.peft_config]
+        if unknown:
+            raise ConfigError(f"adapter(s) {unknown} not found; known adapters: {sorted(self.peft_config)}")
+        for _, layer in self._layers():
+            if isinstance(layer, LoraLayer) and layer.merged:
+                warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.")
+                layer.unmerge()
+        self.active_adapters = names
+        set_active_adapters(self.model, names, inference_mode=inference_mode)
+
+    def enable_adapter_layers(self) -> None:
+        for _, layer in self._layers():
+            layer.enable_adapters(True)
+
+    def disable_adapter_layers(self) -> None:
+        for name in self.active_adapters:
+            bias = getattr(self.peft_config[name], "bias", "none")
+            if bias != "none":
+                warnings.warn(
+                    f"Careful, disabling adapter layers with bias configured to be '{bias}' does not produce the "
+                    "same output as the base model would without adaption."
+                )
+        for _, layer in self._layers():
+            layer.enable_adapters(False)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name not in self.peft_config:
+            raise ConfigError(f"adapter {adapter_name!r} does not exist; known adapters: {sorted(self.peft_config)}")
+        merged_in = [name for name, layer in self._layers()
+                     if isinstance(layer, LoraLayer) and adapter_name in layer.merged_adapters]
+        if merged_in:
+            raise MergeError(f"adapter {adapter_name!r} is merged into {merged_in[:5]}; unmerge it before deleting it")
+        del self.peft_config[adapter_name]
+        for _, layer in self._layers():
+            layer.delete_adapter(adapter_name)
+        if adapter_name in self.active_adapters:
+            remaining = [name for name in self.active_adapters if name != adapter_name]
+            if not remaining and self.peft_config:
+                remaining = [next(iter(self.peft_config))]
+                warnings.warn(f"Adapter {adapter_name} was active which is now deleted. Setting active adapter to "
+                              f"{remaining[0]}.")
+            self.active_adapters = remaining
+            set_active_adapters(self.model, remaining)
+
+    def merge_adapter(self, adapter_names: list[str] | None = None, *, safe_merge: bool = False) -> None:
+        for name, layer in self._layers():
+            if isinstance(layer, LoraLayer):
+                layer.merge(safe_merge=safe_merge, adapter_names=adapter_names, name=name)
+
+    def unmerge_adapter(self) -> None:
+        for _, layer in self._layers():
+            if isinstance(layer, LoraLayer):
+                layer.unmerge()
+
+    def _unload(self, *, merge: bool, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
+        if merge:
+            self.merge_adapter(adapter_names, safe_merge=safe_merge)
+        # deepest first, so a wrapper inside another is replaced before its parent's copy is picked
+        for name, layer in reversed(self._layers()):
+            if isinstance(layer, LoraLayer):
+                replacement = layer.get_base_layer()
+            else:
+                replacement = layer.active_module() if layer.active_adapters else layer.original_module
+            parent_name, _, child = name.rpartition(".")
+            parent = self.model.get_submodule(parent_name) if parent_name else self.model
+            setattr(parent, child, replacement)
+        if "peft_config" in self.model.__dict__:
+            del self.model.peft_config
+        return self.model
+
+    def merge_and_unload(self, *, progressbar: bool = False, safe_merge: bool = False,
+                         adapter_names: list[str] | None = None) -> nn.Module:
+        return self._unload(merge=True, safe_merge=safe_merge, adapter_names=adapter_names)
+
+    def unload(self) -> nn.Module:
+        return self._unload(merge=False)
+
+
+class PeftModel(nn.Module):
+    """A model with LoRA adapters, as ``peft.PeftModel``: forward passes through, adapters are managed here."""
+
+    def __init__(self, model: nn.Module, peft_config: LoraConfig, adapter_name: str = DEFAULT_ADAPTER_NAME, *,
+                 autocast_adapter_dtype: bool = True, sampler: Sampler | None = None) -> None:
+        super().__init__()
+        self.base_model = LoraModel(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+                                    sampler=sampler)
+
+    # -- pass-through ----------------------------------------------------------------------------
+
+    @property
+    def peft_config(self) -> dict[str, LoraConfig]:
+        return self.base_model.peft_config
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        return self.base_model.active_adapter
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self.base_model.active_adapters)
+
+    @property
+    def active_peft_config(self) -> LoraConfig:
+        return self.peft_config[self.base_model.active_adapters[0]]
+
+    def get_base_model(self) -> nn.Module:
+        return self.base_model.model
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.pop("adapter_names", None) is not None:
+            raise NotImplementedError("mixed-adapter batches (adapter_names=...) are not supported yet")
+        return self.get_base_model()(*args, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.pop("adapter_names", None) is not None:
+            raise NotImplementedError("mixed-adapter batches (adapter_names=...) are not supported yet")
+        return self.get_base_model().generate(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model" or name.startswith("_"):
+                raise
+            return getattr(self.base_model, name)
+
+    # -- parameters ------------------------------------------------------------------------------
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """``(trainable, total)`` parameter counts (tied parameters counted once, as ``named_parameters``)."""
+        trainable = total = 0
+        for _, param in self.named_parameters():
+            total += param.numel()
+            if param.requires_grad:
+                trainable += param.numel()
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: "
+              f"{100 * trainable / total:.4f}")
+
+    # -- adapters --------------------------------------------------------------------------------
+
+    def add_adapter(self, adapter_name: str, peft_config: LoraConfig, *, autocast_adapter_dtype: bool = True,
+                    sampler: Sampler | None = None) -> None:
+        """Add an inactive adapter (``set_adapter`` activates it), as peft's ``add_adapter``."""
+        peft_config.base_model_name_or_path = self.get_base_model().__dict__.get("name_or_path", None) or None
+        self.base_model.inject_adapter(adapter_name, peft_config, autocast_adapter_dtype=autocast_adapter_dtype,
+                                       sampler=sampler)
+
+    def set_adapter(self, adapter_name: str, *, inference_mode: bool = False) -> None:
+        self.base_model.set_adapter(adapter_name, inference_mode=inference_mode)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self.base_model.delete_adapter(adapter_name)
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Context in which the model computes as its base (merged adapters are unmerged on the first forward)."""
+        self.base_model.disable_adapter_layers()
+        try:
+            yield
+        finally:
+            self.base_model.enable_adapter_layers()
+
+    def merge_adapter(self, adapter_names: list[str] | None = None, *, safe_merge: bool = False) -> None:
+        self.base_model.merge_adapter(adapter_names, safe_merge=safe_merge)
+
+    def unmerge_adapter(self) -> None:
+        self.base_model.unmerge_adapter()
+
+    def merge_and_unload(self, *, progressbar: bool = False, safe_merge: bool = False,
+                         adapter_names: list[str] | None = None) -> nn.Module:
+        """Merge adapters (default: the active ones) into the base weights and return the bare base model."""
+        return self.base_model.merge_and_unload(safe_merge=safe_merge, adapter_names=adapter_names)
+
+    def unload(self) -> nn.Module:
+        """Return the bare base model without merging (merged weights stay merged, as in peft)."""
+        return self.base_model.unload()
+
+    # -- files -----------------------------------------------------------------------------------
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *, selected_adapters: list[str] | None = None,
+                        save_embedding_layers: bool | Literal["auto"] = "auto") -> None:
+        """Write each adapter as peft does: ``default`` in ``save_directory``, others in sub-folders."""
+        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        unknown = [name for name in names if name not in self.peft_config]
+        if unknown:
+            raise ConfigError(f"cannot save unknown adapter(s) {unknown}; known adapters: {sorted(self.peft_config)}")
+        if os.path.isfile(save_directory):
+            raise AdapterFileError(f"Provided path ({save_directory}) should be a directory, not a file")
+        for name in names:
+            state = get_peft_model_state_dict(self, adapter_name=name, save_embedding_layers=save_embedding_layers)
+            config = copy.copy(self.peft_config[name])
+            if config.base_model_name_or_path is None:
+                config.base_model_name_or_path = self.get_base_model().__dict__.get("name_or_path", None) or None
+            if config.task_type is None:
+                base_class = type(self.get_base_model())
+                config.auto_mapping = {"base_model_class": base_class.__name__, "parent_library": base_class.__module__}
+            _write_adapter(save_directory, config, state, adapter_name=name)
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = DEFAULT_ADAPTER_NAME,
+                        is_trainable: bool = False, config: LoraConfig | None = None, *,
+                        autocast_adapter_dtype: bool = True, strict: bool = True, sampler: Sampler | None = None,
+                        subfolder: str | None = None) -> PeftModel:
+        """Load the adapter saved in ``model_id`` (a local folder) onto ``model`` (peft's ``from_pretrained``).
+
+        ``is_trainable=False`` puts the model in eval mode with frozen adapters. Loading is strict:
+        see ``set_peft_model_state_dict``.
+        """
+        loaded = _read_adapter(model_id, subfolder=subfolder, xp=torch_xp)
+        config = loaded.config if config is None else config
+        _check_lora(config, where=str(loaded.path))
+        config.inference_mode = not is_trainable
+        peft_model = cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype, sampler=sampler)
+        set_peft_model_state_dict(peft_model, loaded.state_dict, adapter_name, strict=strict)
+        if not is_trainable:
+            peft_model.eval()
+        return peft_model
+
+    def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False, *,
+                     autocast_adapter_dtype: bool = True, strict: bool = True,
+                     subfolder: str | None = None) -> LoadReport:
+        """Add adapter ``adapter_name`` from the folder ``model_id`` (inactive; ``set_adapter`` to use it)."""
+        if adapter_name in self.peft_config:
+            raise ConfigError(f"adapter {adapter_name!r} already exists; pick another adapter_name")
+        loaded = _read_adapter(model_id, subfolder=subfolder, xp=torch_xp)
+        _check_lora(loaded.config, where=str(loaded.path))
+        loaded.config.inference_mode = not is_trainable
+        self.base_model.inject_adapter(adapter_name, loaded.config, autocast_adapter_dtype=autocast_adapter_dtype)
+        try:
+            report = set_peft_model_state_dict(self, loaded.state_dict, adapter_name, strict=strict)
+        except Exception:
+            self.base_model.delete_adapter(adapter_name)
+            raise
+        if not is_trainable:
+            self.eval()
+        return report
+
+
+def _check_lora(config: Any, *, where: str) -> None:
+    peft_type = getattr(config.peft_type, "value", config.peft_type)
+    if peft_type != "LORA" or not isinstance(config, LoraConfig):
+        raise ConfigError(f"{where}: peft_type is {peft_type!r}; peftcore_torch loads LoRA adapters only")
+

@@ -1,8 +1,60 @@
-"""peftcore for JAX parameter trees (pure functions: jit, grad, vmap, sharding).
+"""peftcore for JAX parameter trees: pure functions that work under ``jit``, ``grad`` and ``vmap``.
 
-Not built yet: this package is reserved for the JAX backend (tracked as its own
-issue). It will apply adapters to pytrees by module path and call ``peftcore``
-for every piece of math.
+Adapters are a pytree kept apart from the base parameters (``LoraAdapters``: module path -> ``LoraParams``),
+so the base stays frozen by construction and an optimizer sees only adapter leaves::
+
+    params, adapters = init_lora(params, LoraConfig(r=8, target_modules=["q_proj", "v_proj"]), jax.random.key(0))
+    y = dense(x, params["model"]["layers"][0]["self_attn"]["q_proj"], adapters.get("model.layers.0.self_attn.q_proj"))
+    save_adapter("out", adapters)                      # peft's files and keys
+    adapters = load_adapter("out", params)             # validated against the tree
+    merged = merge(params, adapters)                   # plain parameters for inference
+
+Module paths are the tree's key paths joined with dots (``model.layers.0.self_attn.q_proj``); matching is the
+core's (peft's rules). ``layout`` ("torch" or "flax", see ``peftcore_jax.layout``) says where a module keeps
+its weight and in which orientation. All adapter math is ``peftcore``'s.
 """
 
-__all__: list[str] = []
+from peftcore_jax.io import adapter_state_dict, adapters_from_state_dict, load_adapter, save_adapter
+from peftcore_jax.layers import conv, dense, embed, embedding, linear
+from peftcore_jax.layout import FLAX, LAYOUTS, TORCH, Layout, LeafSpec, get_layout
+from peftcore_jax.lora import JaxSampler, dora_weight_norms, init_lora, merge, module_key, target_modules, unmerge
+from peftcore_jax.params import LoraAdapters, LoraParams
+from peftcore_jax.partition import combine, partition, trainable_mask
+from peftcore_jax.sharding import adapter_shardings, shard_adapters
+from peftcore_jax.tree import find_modules, leaf_paths, module_names, replace_leaves
+
+__all__ = [
+    "FLAX",
+    "LAYOUTS",
+    "TORCH",
+    "JaxSampler",
+    "Layout",
+    "LeafSpec",
+    "LoraAdapters",
+    "LoraParams",
+    "adapter_shardings",
+    "adapter_state_dict",
+    "adapters_from_state_dict",
+    "combine",
+    "conv",
+    "dense",
+    "dora_weight_norms",
+    "embed",
+    "embedding",
+    "find_modules",
+    "get_layout",
+    "init_lora",
+    "leaf_paths",
+    "linear",
+    "load_adapter",
+    "merge",
+    "module_key",
+    "module_names",
+    "partition",
+    "replace_leaves",
+    "save_adapter",
+    "shard_adapters",
+    "target_modules",
+    "trainable_mask",
+    "unmerge",
+]

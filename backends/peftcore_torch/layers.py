@@ -5,25 +5,99 @@
 ``state_dict()`` keys are peft's (``<m>.lora_A.<adapter>.weight``, ``<m>.base_layer.weight``, ...).
 ``ModulesToSaveWrapper`` is peft's full-fine-tuning wrapper (``original_module`` +
 ``modules_to_save.<adapter>``).
+
+Mixed-adapter batches (peft's ``adapter_names=[...]``, one adapter name per sample, ``"__base__"``
+for none): a layer takes the names as its own ``adapter_names=`` keyword or, when the model is
+called, from ``adapter_names_context``. That context is a ``contextvars.ContextVar`` holding a
+``{layer: names}`` map instead of peft's forward pre-hooks: it is private to the calling thread
+(and asyncio task), nested contexts restore the outer one on exit, and nothing is left registered
+on the modules when a forward raises. While no context is open anywhere, a forward reads only a
+module-level counter, so ``torch.compile(fullgraph=True)`` traces plain forwards unchanged.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
+import threading
+from collections.abc import Iterator, Mapping, Sequence
 from numbers import Real
 from typing import Any
 
 import torch
 from torch import nn
 
-from peftcore.errors import MergeError, UnsupportedLayerError
+from peftcore.errors import ConfigError, MergeError, ShapeMismatchError, UnsupportedLayerError
 from peftcore.methods.lora import dora, init, ops
 from peftcore.random import Sampler
 
-__all__ = ["AdapterWeight", "LoraLayer", "ModulesToSaveWrapper", "is_gpt2_conv1d", "layer_kind"]
+__all__ = [
+    "BASE_ADAPTER_NAME",
+    "AdapterWeight",
+    "LoraLayer",
+    "ModulesToSaveWrapper",
+    "adapter_names_context",
+    "is_gpt2_conv1d",
+    "layer_kind",
+]
 
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _FACTOR_CONTAINERS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+
+#: The ``adapter_names`` entry that selects the base model for a sample (peft's ``"__base__"``).
+BASE_ADAPTER_NAME = "__base__"
+
+_ASSIGNED_ADAPTER_NAMES: contextvars.ContextVar[Mapping[nn.Module, list[str]]] = contextvars.ContextVar(
+    "peftcore_torch_adapter_names", default={}
+)
+# contexts open in any thread; zero lets forwards skip the ContextVar, which torch.compile cannot trace
+_open_contexts = 0
+_open_contexts_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def adapter_names_context(assignment: Mapping[nn.Module, Sequence[str]]) -> Iterator[None]:
+    """Within the block, each module of ``assignment`` runs its forward with ``adapter_names=assignment[module]``.
+
+    Plays the role of peft's ``_adapter_names_pre_forward_hook``s; entries of an enclosing context
+    stay visible unless overridden, and the previous state is restored on exit, even on an exception.
+    """
+    global _open_contexts
+    merged = {**_ASSIGNED_ADAPTER_NAMES.get(), **{module: list(names) for module, names in assignment.items()}}
+    with _open_contexts_lock:
+        _open_contexts += 1
+    token = _ASSIGNED_ADAPTER_NAMES.set(merged)
+    try:
+        yield
+    finally:
+        _ASSIGNED_ADAPTER_NAMES.reset(token)
+        with _open_contexts_lock:
+            _open_contexts -= 1
+
+
+def _assigned_adapter_names(module: nn.Module, kwargs: dict[str, Any]) -> list[str] | None:
+    """``adapter_names`` passed to ``module``'s forward (popped from ``kwargs``) or assigned by the context."""
+    names = kwargs.pop("adapter_names", None)
+    if names is None and _open_contexts:
+        names = _ASSIGNED_ADAPTER_NAMES.get().get(module)
+    return None if names is None else list(names)
+
+
+def _rows_by_adapter(adapter_names: Sequence[str]) -> dict[str, list[int]]:
+    """``{name: sample indices}`` in order of first appearance."""
+    rows: dict[str, list[int]] = {}
+    for index, name in enumerate(adapter_names):
+        rows.setdefault(name, []).append(index)
+    return rows
+
+
+def _check_batch_length(x: torch.Tensor, adapter_names: Sequence[str]) -> None:
+    if len(x) != len(adapter_names):
+        raise ShapeMismatchError(
+            "Length of `adapter_names` should be the same as the number of inputs, but got "
+            f"{len(adapter_names)} and {len(x)} respectively."
+        )
 
 
 def is_gpt2_conv1d(module: nn.Module) -> bool:
@@ -198,6 +272,19 @@ class LoraLayer(nn.Module):
             return self.lora_embedding_A[adapter_name], self.lora_embedding_B[adapter_name], None
         return self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight, self.lora_B[adapter_name].bias
 
+    def set_factors(self, adapter_name: str, lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
+        """Overwrite ``adapter_name``'s factors in place (cast to the parameters' dtype and device)."""
+        current_A, current_B, _ = self._factors(adapter_name)
+        for name, current, new in (("lora_A", current_A, lora_A), ("lora_B", current_B, lora_B)):
+            if tuple(new.shape) != tuple(current.shape):
+                raise ShapeMismatchError(
+                    f"{name} of adapter {adapter_name!r} on this {self.kind} layer is {tuple(current.shape)}, "
+                    f"cannot set it to {tuple(new.shape)}"
+                )
+        with torch.no_grad():
+            current_A.copy_(lora_A)
+            current_B.copy_(lora_B)
+
     def _magnitude_init(self, adapter_name: str) -> torch.Tensor:
         lora_A, lora_B, _ = (t.detach() if t is not None else None for t in self._factors(adapter_name))
         weight, scaling = self.base_layer.weight.detach(), self.scaling[adapter_name]
@@ -251,13 +338,15 @@ class LoraLayer(nn.Module):
     # -- forward ---------------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        adapter_names = kwargs.pop("adapter_names", None)
+        adapter_names = _assigned_adapter_names(self, kwargs)
         if adapter_names is not None:
-            raise NotImplementedError("mixed-adapter batches (adapter_names=...) are not supported yet")
+            self._check_mixed_batch(x, adapter_names)
         if self._disable_adapters:
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, adapter_names, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
         active = [name for name in self._active_adapters if name in self.r]
         if self.merged or not active:
@@ -268,27 +357,69 @@ class LoraLayer(nn.Module):
             running = self._add_branch(running, x, adapter_name)
         return running.to(result.dtype)
 
-    def _add_branch(self, running: torch.Tensor, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+    def _check_mixed_batch(self, x: torch.Tensor, adapter_names: Sequence[str]) -> None:
+        """peft's ``_check_forward_args``: one name per sample, nothing merged, no DoRA adapter named."""
+        _check_batch_length(x, adapter_names)
+        if self.merged:
+            raise MergeError(
+                "Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` first "
+                f"(merged into this {self.kind} layer: {self.merged_adapters})."
+            )
+        dora_names = sorted({name for name in adapter_names if self.use_dora.get(name, False)})
+        if dora_names:
+            raise ConfigError(f"Cannot pass `adapter_names` when DoRA is enabled (DoRA adapters: {dora_names}).")
+
+    def _mixed_batch_forward(self, x: torch.Tensor, adapter_names: Sequence[str], *args: Any,
+                             **kwargs: Any) -> torch.Tensor:
+        """Base output for the whole batch; the rows of each named adapter's samples get its update.
+
+        peft's ``_mixed_batch_forward``: a Linear/Conv update is cast to the result dtype before it is
+        added, an Embedding update is added with promotion.
+        """
+        result = self.base_layer(x, *args, **kwargs)
+        for adapter_name, rows in _rows_by_adapter(adapter_names).items():
+            if adapter_name == BASE_ADAPTER_NAME or adapter_name not in self.r:
+                continue
+            index = torch.tensor(rows, device=x.device)
+            update = self._lora_update(x.index_select(0, index), adapter_name)
+            if self.kind != "embedding":
+                update = update.to(result.dtype)
+            result = result.index_copy(0, index, ops.accumulate(result.index_select(0, index), update))
+        return result
+
+    def _lora_update(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """The plain LoRA branch of ``adapter_name`` on ``x`` (dropout included, ``x`` cast to the adapter dtype)."""
         lora_A, lora_B, lora_B_bias = self._factors(adapter_name)
-        running = running.to(torch.promote_types(running.dtype, lora_A.dtype))
         scaling = self.scaling[adapter_name]
         base = self.base_layer
         if self.kind == "embedding":
-            options = dict(scaling=scaling, max_norm=base.max_norm, norm_type=base.norm_type,
-                           embed_scale=self._embed_scale(), padding_idx=base.padding_idx)
-            if self.use_dora[adapter_name]:
-                magnitude = self.lora_magnitude_vector[adapter_name].weight
-                return dora.embedding_forward(running, x, lora_A, lora_B, magnitude, base.weight, **options)
-            return ops.embedding_forward(running, x, lora_A, lora_B, **options)
+            return ops.embedding_update(x, lora_A, lora_B, scaling=scaling, max_norm=base.max_norm,
+                                        norm_type=base.norm_type, embed_scale=self._embed_scale(),
+                                        padding_idx=base.padding_idx)
+        x = self.lora_dropout[adapter_name](x.to(lora_A.dtype))
+        if self.kind == "conv":
+            return ops.conv_update(x, lora_A, lora_B, lora_B_bias, scaling=scaling, stride=base.stride,
+                                   padding=base.padding, groups=base.groups)
+        return ops.linear_update(x, lora_A, lora_B, lora_B_bias, scaling=scaling)
+
+    def _add_branch(self, running: torch.Tensor, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        lora_A, lora_B, lora_B_bias = self._factors(adapter_name)
+        running = running.to(torch.promote_types(running.dtype, lora_A.dtype))
+        if not self.use_dora[adapter_name]:
+            return ops.accumulate(running, self._lora_update(x, adapter_name))
+        scaling = self.scaling[adapter_name]
+        base = self.base_layer
+        if self.kind == "embedding":
+            magnitude = self.lora_magnitude_vector[adapter_name].weight
+            return dora.embedding_forward(running, x, lora_A, lora_B, magnitude, base.weight, scaling=scaling,
+                                          max_norm=base.max_norm, norm_type=base.norm_type,
+                                          embed_scale=self._embed_scale(), padding_idx=base.padding_idx)
 
         x = x.to(lora_A.dtype)
         dropout = self.lora_dropout[adapter_name]
         conv_options = {}
         if self.kind == "conv":
             conv_options = dict(stride=base.stride, padding=base.padding, groups=base.groups)
-        if not self.use_dora[adapter_name]:
-            branch = ops.conv_forward if self.kind == "conv" else ops.linear_forward
-            return branch(running, dropout(x), lora_A, lora_B, lora_B_bias, scaling=scaling, **conv_options)
         # DoRA reuses the base result unless dropout really drops, then recomputes the base on the dropped x
         recompute_base = self.training and not isinstance(dropout, nn.Identity)
         x = dropout(x) if recompute_base else x
@@ -464,7 +595,35 @@ class ModulesToSaveWrapper(nn.Module):
         return self.modules_to_save[self._active_adapters[0]]
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.active_module()(*args, **kwargs)
+        adapter_names = _assigned_adapter_names(self, kwargs)
+        if adapter_names is not None and args:
+            _check_batch_length(args[0], adapter_names)
+        if adapter_names is None or self._disable_adapters or not args:
+            return self.active_module()(*args, **kwargs)
+        return self._mixed_batch_forward(args[0], adapter_names, *args[1:], **kwargs)
+
+    def _mixed_batch_forward(self, x: torch.Tensor, adapter_names: Sequence[str], *args: Any,
+                             **kwargs: Any) -> torch.Tensor:
+        """Each sample through its adapter's copy (the original module for ``"__base__"``), as peft.
+
+        A name this wrapper does not hold also gets the original module (that adapter does not
+        replace this module; peft raises ``KeyError`` there).
+        """
+        if not isinstance(self.original_module, (nn.Linear, nn.Embedding, *_CONV_TYPES)):
+            raise UnsupportedLayerError(
+                "Mixed batching is only supported for the following modules: Linear, Embedding, Conv1d, Conv2d, "
+                f"Conv3d; this modules_to_save wraps a {type(self.original_module).__name__}"
+            )
+        outputs, order = [], []
+        for adapter_name, rows in _rows_by_adapter(adapter_names).items():
+            module = self.modules_to_save[adapter_name] if adapter_name in self.modules_to_save else \
+                self.original_module
+            outputs.append(module(x[rows], *args, **kwargs))
+            order.extend(rows)
+        stacked = torch.cat(outputs)
+        inverse = torch.empty(len(order), dtype=torch.long, device=stacked.device)
+        inverse[torch.tensor(order, device=stacked.device)] = torch.arange(len(order), device=stacked.device)
+        return stacked.index_select(0, inverse)
 
     def __getattr__(self, name: str) -> Any:
         try:

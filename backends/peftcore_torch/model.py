@@ -8,22 +8,25 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
+import functools
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
 import array_api_compat.torch as torch_xp
+import torch
 from torch import nn
 
-from peftcore.errors import AdapterFileError, ConfigError, MergeError
+from peftcore.errors import AdapterFileError, ConfigError, MergeError, PeftcoreError
 from peftcore.io import load_adapter as _read_adapter
 from peftcore.io import save_adapter as _write_adapter
-from peftcore.methods.lora import LoraConfig
+from peftcore.methods.lora import LoraConfig, weighted
 from peftcore.naming import DEFAULT_ADAPTER_NAME
 from peftcore.random import Sampler
 from peftcore_torch.inject import adapter_layers, inject_adapter, set_active_adapters
-from peftcore_torch.layers import LoraLayer, ModulesToSaveWrapper
+from peftcore_torch.layers import BASE_ADAPTER_NAME, LoraLayer, ModulesToSaveWrapper, adapter_names_context
 from peftcore_torch.state import LoadReport, get_peft_model_state_dict, set_peft_model_state_dict
 
 __all__ = ["LoraModel", "PeftModel", "get_peft_model"]
@@ -68,7 +71,11 @@ class LoraModel(nn.Module):
         return self.active_adapters[0] if len(self.active_adapters) == 1 else list(self.active_adapters)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.model(*args, **kwargs)
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            return self.model(*args, **kwargs)
+        with self.mixed_batch(adapter_names):
+            return self.model(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -77,6 +84,43 @@ class LoraModel(nn.Module):
             if name == "model" or name.startswith("_"):
                 raise
             return getattr(self.model, name)
+
+    # -- mixed-adapter batches -------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def mixed_batch(self, adapter_names: Sequence[str] | None, *, num_beams: int | None = None) -> Iterator[None]:
+        """Within the block every adapter layer serves sample ``i`` with adapter ``adapter_names[i]``.
+
+        peft's ``_enable_peft_forward_hooks``: ``None`` (or disabled adapters) changes nothing; refused in
+        training mode and for names no layer holds (``"__base__"`` is the base model). With beam search
+        (``num_beams > 1``) each name is repeated per beam, except in an encoder, which sees the
+        original batch. Layers raise for a wrong length, merged adapters or DoRA adapters.
+        """
+        layers = [layer for _, layer in self._layers()]
+        lora_layers = [layer for layer in layers if isinstance(layer, LoraLayer)]
+        # peft's has_active_enabled_adapter: inside disable_adapter() the names are dropped unchecked
+        if adapter_names is None or any(layer.disable_adapters for layer in lora_layers):
+            yield
+            return
+        if self.training:
+            raise ConfigError("Cannot pass `adapter_names` when the model is in training mode.")
+        known = {name for layer in lora_layers for name in layer.adapter_names}
+        unknown = sorted({name for name in adapter_names if name != BASE_ADAPTER_NAME} - known)
+        if unknown:
+            raise ConfigError(f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}")
+        names = list(adapter_names)
+        beam_search = isinstance(num_beams, int) and num_beams > 1
+        if beam_search:
+            if not isinstance(adapter_names, (list, tuple)):
+                raise TypeError(f"Got adapter names of type {type(adapter_names)}, expected a list of str.")
+            names = [name for name in adapter_names for _ in range(num_beams)]
+        assignment = {layer: names for layer in layers}
+        encoder = _encoder(self.model) if beam_search else None
+        if encoder is not None:
+            # the encoder runs once on the original batch, before generate expands it per beam
+            assignment.update({m: list(adapter_names) for m in encoder.modules() if m in assignment})
+        with adapter_names_context(assignment):
+            yield
 
     def inject_adapter(self, adapter_name: str, config: LoraConfig, *, autocast_adapter_dtype: bool = True,
                        sampler: Sampler | None = None) -> None:
@@ -131,6 +175,105 @@ class LoraModel(nn.Module):
                               f"{remaining[0]}.")
             self.active_adapters = remaining
             set_active_adapters(self.model, remaining)
+
+    def add_weighted_adapter(
+        self,
+        adapters: Sequence[str],
+        weights: Sequence[float],
+        adapter_name: str,
+        combination_type: Literal["svd", "linear", "cat"] = "svd",
+        svd_rank: int | None = None,
+        svd_clamp: float | None = None,
+        svd_full_matrices: bool = True,
+        svd_driver: str | None = None,
+    ) -> None:
+        """Add ``adapter_name``, the weighted combination of ``adapters`` (peft's ``add_weighted_adapter``).
+
+        The new config copies the first adapter's with ``r = lora_alpha = `` the new rank (``Σ r_i`` for
+        ``"cat"``, the common rank for ``"linear"``, ``svd_rank or max r_i`` for ``"svd"``), the targets
+        of all adapters and no rank/alpha patterns; a single adapter always combines ``"linear"``. The
+        new adapter is inactive. The factors come from ``peftcore.methods.lora.weighted`` per layer,
+        over the adapters that layer holds. As in peft, an existing ``adapter_name`` is left as it is.
+        DoRA and ``lora_bias`` adapters are refused (peft would keep the new adapter's initial
+        magnitude/bias, unrelated to the combination).
+        """
+        if adapter_name in self.peft_config:
+            return
+        combination_type, new_rank, new_targets = self._check_add_weighted_adapter(
+            list(adapters), list(weights), combination_type, svd_rank)
+        first = self.peft_config[adapters[0]]
+        config = dataclasses.replace(first, r=new_rank, lora_alpha=new_rank, target_modules=new_targets,
+                                     alpha_pattern={}, rank_pattern={})
+        # the factors are overwritten below: never let an initialisation rewrite the base weights (PiSSA, ...)
+        init_mode = config.init_lora_weights
+        if init_mode not in (True, False, "gaussian"):
+            config.init_lora_weights = True
+        try:
+            self.inject_adapter(adapter_name, config)
+        finally:
+            config.init_lora_weights = init_mode
+        svd = None if svd_driver is None else functools.partial(torch.linalg.svd, driver=svd_driver)
+        try:
+            for name, layer in self._layers():
+                if isinstance(layer, LoraLayer) and adapter_name in layer.adapter_names:
+                    _combine_into(layer, name, adapter_name, adapters, weights, combination_type, clamp=svd_clamp,
+                                  full_matrices=svd_full_matrices, svd=svd)
+        except Exception:
+            self.delete_adapter(adapter_name)
+            raise
+
+    def _check_add_weighted_adapter(self, adapters: list[str], weights: list[float], combination_type: str,
+                                    svd_rank: int | None) -> tuple[str, int, set[str] | str]:
+        """peft's ``_check_add_weighted_adapter``: ``(combination_type, new_rank, new_target_modules)``."""
+        if not adapters:
+            raise ConfigError("add_weighted_adapter needs at least one adapter to combine")
+        if len(weights) != len(adapters):
+            raise ConfigError(f"add_weighted_adapter needs one weight per adapter; got adapters {adapters} and "
+                              f"weights {weights}")
+        for adapter in adapters:
+            if adapter not in self.peft_config:
+                raise ConfigError(f"Adapter {adapter} does not exist; known adapters: {sorted(self.peft_config)}")
+        configs = [self.peft_config[adapter] for adapter in adapters]
+        for adapter, config in zip(adapters, configs):
+            if config.target_parameters:
+                raise ConfigError(f"add_weighted_adapter does not support targeting nn.Parameter (problematic "
+                                  f"adapter '{adapter}')")
+            if config.use_dora:
+                raise ConfigError(f"add_weighted_adapter cannot combine DoRA adapters (adapter '{adapter}' has "
+                                  "use_dora=True): the magnitude of the combination is not defined")
+            if config.lora_bias:
+                raise ConfigError(f"add_weighted_adapter cannot combine adapters with lora_bias=True (adapter "
+                                  f"'{adapter}')")
+        shared = [name for name, layer in self._layers() if isinstance(layer, ModulesToSaveWrapper)
+                  and sum(adapter in layer.modules_to_save for adapter in adapters) > 1]
+        if shared:
+            raise ConfigError("Cannot add weighted adapters if they target the same module with modules_to_save, "
+                              f"but found {len(shared)} such instance(s): {shared}")
+        combination_type = "linear" if len(adapters) == 1 else combination_type
+        # the new adapter must hold the largest rank any layer of each adapter has
+        ranks = [max(config.r, *config.rank_pattern.values()) if config.rank_pattern else config.r
+                 for config in configs]
+        if combination_type == "linear":
+            if len(set(ranks)) != 1:
+                raise ConfigError(f"All adapters must have the same r value when using combination_type linear; "
+                                  f"got ranks {dict(zip(adapters, ranks))}")
+            new_rank = ranks[0]
+        elif combination_type == "cat":
+            new_rank = sum(ranks)
+        elif combination_type == "svd":
+            new_rank = svd_rank or max(ranks)
+        else:
+            raise ConfigError(f"Invalid combination_type: {combination_type!r}; peftcore supports 'svd', 'linear' "
+                              "and 'cat'")
+        target_types = {type(config.target_modules) for config in configs}
+        if len(target_types) > 1:
+            raise ConfigError("all adapter configs should follow the same target modules type. Combining adapters "
+                              "with `target_modules` type being a mix of list/set and string is not supported.")
+        if target_types == {str}:
+            return combination_type, new_rank, "|".join(f"({config.target_modules})" for config in configs)
+        if target_types != {set}:
+            raise ConfigError(f"Invalid type {target_types.pop()} found in target_modules")
+        return combination_type, new_rank, set().union(*(config.target_modules for config in configs))
 
     def merge_adapter(self, adapter_names: list[str] | None = None, *, safe_merge: bool = False) -> None:
         for name, layer in self._layers():
@@ -197,14 +340,20 @@ class PeftModel(nn.Module):
         return self.base_model.model
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if kwargs.pop("adapter_names", None) is not None:
-            raise NotImplementedError("mixed-adapter batches (adapter_names=...) are not supported yet")
-        return self.get_base_model()(*args, **kwargs)
+        """The base model's forward; ``adapter_names=[...]`` (one per sample) runs a mixed-adapter batch."""
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            return self.get_base_model()(*args, **kwargs)
+        with self.base_model.mixed_batch(adapter_names):
+            return self.get_base_model()(*args, **kwargs)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
-        if kwargs.pop("adapter_names", None) is not None:
-            raise NotImplementedError("mixed-adapter batches (adapter_names=...) are not supported yet")
-        return self.get_base_model().generate(*args, **kwargs)
+        """The base model's ``generate``; ``adapter_names=[...]`` picks an adapter per prompt."""
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            return self.get_base_model().generate(*args, **kwargs)
+        with self.base_model.mixed_batch(adapter_names, num_beams=kwargs.get("num_beams")):
+            return self.get_base_model().generate(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -241,6 +390,15 @@ class PeftModel(nn.Module):
 
     def set_adapter(self, adapter_name: str, *, inference_mode: bool = False) -> None:
         self.base_model.set_adapter(adapter_name, inference_mode=inference_mode)
+
+    def add_weighted_adapter(self, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,
+                             combination_type: Literal["svd", "linear", "cat"] = "svd", svd_rank: int | None = None,
+                             svd_clamp: float | None = None, svd_full_matrices: bool = True,
+                             svd_driver: str | None = None) -> None:
+        """Add ``adapter_name`` combining ``adapters`` with ``weights`` (see ``LoraModel.add_weighted_adapter``)."""
+        self.base_model.add_weighted_adapter(adapters, weights, adapter_name, combination_type, svd_rank=svd_rank,
+                                             svd_clamp=svd_clamp, svd_full_matrices=svd_full_matrices,
+                                             svd_driver=svd_driver)
 
     def delete_adapter(self, adapter_name: str) -> None:
         self.base_model.delete_adapter(adapter_name)
@@ -335,3 +493,36 @@ def _check_lora(config: Any, *, where: str) -> None:
     if peft_type != "LORA" or not isinstance(config, LoraConfig):
         raise ConfigError(f"{where}: peft_type is {peft_type!r}; peftcore_torch loads LoRA adapters only")
 
+
+def _encoder(model: nn.Module) -> nn.Module | None:
+    # transformers 5 returns the model itself from get_encoder() when it has no separate encoder
+    getter = getattr(model, "get_encoder", None)
+    if getter is None:
+        return None
+    encoder = getter()
+    return None if encoder is model else encoder
+
+
+def _combine_into(layer: LoraLayer, name: str, adapter_name: str, adapters: Sequence[str], weights: Sequence[float],
+                  combination_type: str, *, clamp: float | None, full_matrices: bool, svd: Any) -> None:
+    """Write the combination of the ``adapters`` that ``layer`` holds into its new adapter ``adapter_name``."""
+    present = [(adapter, weight) for adapter, weight in zip(adapters, weights) if adapter in layer.adapter_names]
+    if not present:
+        raise ConfigError(f"none of the adapters {list(adapters)} adapts {name!r}, which the combined adapter "
+                          f"{adapter_name!r} targets")
+    factors = [layer._factors(adapter) for adapter, _ in present]
+    lora_As = [lora_A.detach() for lora_A, _, _ in factors]
+    lora_Bs = [lora_B.detach() for _, lora_B, _ in factors]
+    options = dict(weights=[float(w) for _, w in present], scalings=[layer.scaling[a] for a, _ in present],
+                   rank=layer.r[adapter_name])
+    try:
+        if combination_type == "cat":
+            combined = weighted.cat_combination(lora_As, lora_Bs, **options)
+        elif combination_type == "linear":
+            combined = weighted.linear_combination(lora_As, lora_Bs, **options)
+        else:
+            combined = weighted.svd_combination(lora_As, lora_Bs, clamp=clamp, full_matrices=full_matrices, svd=svd,
+                                                **options)
+    except PeftcoreError as exc:
+        raise type(exc)(f"{name}: {exc}") from exc
+    layer.set_factors(adapter_name, combined.lora_A, combined.lora_B)

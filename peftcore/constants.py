@@ -23,6 +23,7 @@ __all__ = [
     "MIN_TARGET_MODULES_FOR_OPTIMIZATION",
     "SAFETENSORS_WEIGHTS_NAME",
     "SEQ_CLS_HEAD_NAMES",
+    "TASK_TYPE_MODULES_TO_SAVE",
     "TARGET_MODULES_MAPPINGS",
     "TOKENIZER_CONFIG_NAME",
     "UPCAST_DTYPES",
@@ -37,6 +38,10 @@ CONFIG_NAME = "adapter_config.json"
 TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
 EMBEDDING_LAYER_NAMES = ["embed_tokens", "lm_head"]
 SEQ_CLS_HEAD_NAMES = ["score", "classifier"]
+# Task heads ``peft``'s task models add to ``modules_to_save`` (PeftModelForSequenceClassification, ...).
+TASK_TYPE_MODULES_TO_SAVE = MappingProxyType(
+    {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"), "QUESTION_ANS": ("qa_outputs",)}
+)
 INCLUDE_LINEAR_LAYERS_SHORTHAND = "all-linear"
 DUMMY_TARGET_MODULES = "dummy-target-modules"
 DUMMY_MODEL_CONFIG = {"model_type": "custom"}

@@ -19,6 +19,7 @@ import array_api_compat.torch as torch_xp
 import torch
 from torch import nn
 
+from peftcore.constants import EMBEDDING_LAYER_NAMES, TASK_TYPE_MODULES_TO_SAVE
 from peftcore.errors import AdapterFileError, ConfigError, MergeError, PeftcoreError
 from peftcore.io import load_adapter as _read_adapter
 from peftcore.io import save_adapter as _write_adapter
@@ -124,6 +125,8 @@ class LoraModel(nn.Module):
 
     def inject_adapter(self, adapter_name: str, config: LoraConfig, *, autocast_adapter_dtype: bool = True,
                        sampler: Sampler | None = None) -> None:
+        _add_task_heads_to_modules_to_save(config)
+        _check_tied_embeddings(self.model, config)
         inject_adapter(self.model, config, adapter_name, active_adapters=self.active_adapters,
                        configs=self.peft_config, autocast_adapter_dtype=autocast_adapter_dtype, sampler=sampler)
 
@@ -299,6 +302,8 @@ class LoraModel(nn.Module):
             setattr(parent, child, replacement)
         if "peft_config" in self.model.__dict__:
             del self.model.peft_config
+        if merge:
+            _untie_config_if_diverged(self.model)
         return self.model
 
     def merge_and_unload(self, *, progressbar: bool = False, safe_merge: bool = False,
@@ -486,6 +491,73 @@ class PeftModel(nn.Module):
         if not is_trainable:
             self.eval()
         return report
+
+
+def _add_task_heads_to_modules_to_save(config: LoraConfig) -> None:
+    """Task heads join ``modules_to_save`` (peft's task models: SEQ_CLS/TOKEN_CLS classifier, QA qa_outputs)."""
+    heads = TASK_TYPE_MODULES_TO_SAVE.get(str(config.task_type) if config.task_type is not None else "", ())
+    if heads:
+        present = list(config.modules_to_save or [])
+        config.modules_to_save = present + [name for name in heads if name not in present]
+
+
+def _tied_output_embedding(model: nn.Module) -> bool:
+    """True when the model's output layer shares its weight with the input embedding."""
+    config = getattr(model, "config", None)
+    if not getattr(config, "tie_word_embeddings", False):
+        return False
+    try:
+        out_emb, in_emb = model.get_output_embeddings(), model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return False
+    out_w, in_w = getattr(out_emb, "weight", None), getattr(in_emb, "weight", None)
+    return out_w is not None and in_w is not None and out_w.data_ptr() == in_w.data_ptr()
+
+
+def _check_tied_embeddings(model: nn.Module, config: LoraConfig) -> None:
+    """Warn, as peft does, when an adapter touches embeddings tied to the output layer.
+
+    peft can keep such adapters tied (``ensure_weight_tying=True``); peftcore does not yet, and says so
+    instead of ignoring the flag.
+    """
+    names = [*(config.modules_to_save or [])]
+    targets = config.target_modules
+    if isinstance(targets, str):
+        import re
+
+        touches = any(re.fullmatch(targets, name) or re.fullmatch(targets, f"model.{name}")
+                      for name in EMBEDDING_LAYER_NAMES)
+    else:
+        names += list(targets or [])
+        touches = False
+    touches = touches or any(name.split(".")[-1] in EMBEDDING_LAYER_NAMES for name in names)
+    if config.ensure_weight_tying:
+        raise ConfigError("ensure_weight_tying=True is not supported by peftcore_torch yet: the tied output "
+                          "layer would not share the adapter")
+    if touches and _tied_output_embedding(model):
+        warnings.warn(
+            "Model has `tie_word_embeddings=True` and a tied layer is part of the adapter, "
+            "but `ensure_weight_tying` is not set to True. "
+            "This can lead to complications, for example when merging the adapter "
+            "or converting your model to formats other than safetensors. "
+            "Check the discussion here: https://github.com/huggingface/peft/issues/2777"
+        )
+
+
+def _untie_config_if_diverged(model: nn.Module) -> None:
+    """After a merge, a config still claiming tied embeddings whose weights differ is corrected (peft does too)."""
+    config = getattr(model, "config", None)
+    if not getattr(config, "tie_word_embeddings", False):
+        return
+    try:
+        out_emb, in_emb = model.get_output_embeddings(), model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return
+    out_w, in_w = getattr(out_emb, "weight", None), getattr(in_emb, "weight", None)
+    if out_w is not None and in_w is not None and out_w.data_ptr() != in_w.data_ptr():
+        config.tie_word_embeddings = False
+        warnings.warn("Input and output embeddings are no longer tied after merging. "
+                      "Setting `tie_word_embeddings=False` in the model config.")
 
 
 def _check_lora(config: Any, *, where: str) -> None:

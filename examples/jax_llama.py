@@ -30,7 +30,7 @@ import numpy as np
 
 import peftcore_jax
 
-__all__ = ["LlamaSpec", "forward", "params_from_state_dict", "spec_from_hf_config"]
+__all__ = ["LlamaSpec", "forward", "init_params", "params_from_state_dict", "spec_from_hf_config"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +89,35 @@ def params_from_state_dict(state_dict: Mapping[str, Any], /, *, tie_word_embeddi
     return params
 
 
+def init_params(key: jax.Array, /, *, spec: LlamaSpec, vocab_size: int, hidden_size: int, intermediate_size: int,
+                num_hidden_layers: int, dtype: Any = jnp.float32) -> dict:
+    """Random params (normal, std 0.02 as transformers' ``initializer_range``; norms at 1) for benchmarks.
+
+    Same tree as ``params_from_state_dict``, without needing torch.
+    """
+    q_out = spec.num_attention_heads * spec.head_dim
+    kv_out = spec.num_key_value_heads * spec.head_dim
+    shapes = {"self_attn": {"q_proj": (q_out, hidden_size), "k_proj": (kv_out, hidden_size),
+                            "v_proj": (kv_out, hidden_size), "o_proj": (hidden_size, q_out)},
+              "mlp": {"gate_proj": (intermediate_size, hidden_size), "up_proj": (intermediate_size, hidden_size),
+                      "down_proj": (hidden_size, intermediate_size)}}
+    keys = iter(jax.random.split(key, 2 + 7 * num_hidden_layers))
+
+    def weight(shape):
+        return {"weight": (0.02 * jax.random.normal(next(keys), shape)).astype(dtype)}
+
+    def ones():
+        return {"weight": jnp.ones((hidden_size,), dtype)}
+
+    layers = [{**{block: {name: weight(shape) for name, shape in names.items()} for block, names in shapes.items()},
+               "input_layernorm": ones(), "post_attention_layernorm": ones()} for _ in range(num_hidden_layers)]
+    params = {"model": {"embed_tokens": weight((vocab_size, hidden_size)), "layers": layers, "norm": ones()}}
+    head = weight((vocab_size, hidden_size))
+    if not spec.tie_word_embeddings:
+        params["lm_head"] = head
+    return params
+
+
 def _rms_norm(x, weight, eps):
     # transformers' LlamaRMSNorm: normalise in float32, cast back, then scale
     x32 = x.astype(jnp.float32)
@@ -139,7 +168,9 @@ def forward(params: dict, input_ids: jax.Array, /, *, spec: LlamaSpec,
             adapters: Mapping[str, Any] | Any = None) -> jax.Array:
     """Logits ``(batch, seq, vocab)`` for ``input_ids (batch, seq)``, causal, positions ``0..seq-1``.
 
-    ``adapters``: a ``peftcore_jax.LoraAdapters`` or a ``{module_path: LoraParams}`` mapping (``None``: base model).
+    ``adapters``: a ``peftcore_jax.LoraAdapters``, several active at once (``peftcore_jax.ActiveAdapters`` or a
+    list of ``LoraAdapters``, peft's ``set_adapter([...])``), or a ``{module_path: LoraParams}`` mapping
+    (``None``: base model).
     """
     adapters = _adapter_map(adapters)
     model = params["model"]
@@ -156,10 +187,13 @@ def forward(params: dict, input_ids: jax.Array, /, *, spec: LlamaSpec,
     return peftcore_jax.dense(hidden, head, adapters.get("lm_head"))
 
 
-def _adapter_map(adapters: Any) -> Mapping[str, Any]:
+def _adapter_map(adapters: Any) -> Any:
+    """Something with ``.get(path)`` giving a module's ``LoraParams`` (or a tuple of them), or None."""
     if adapters is None:
         return {}
-    return adapters.params if isinstance(adapters, peftcore_jax.LoraAdapters) else adapters
+    if isinstance(adapters, (list, tuple)):
+        return peftcore_jax.ActiveAdapters(tuple(adapters))
+    return adapters
 
 
 def _main() -> None:  # pragma: no cover - a demo

@@ -8,6 +8,7 @@ so the base stays frozen by construction and an optimizer sees only adapter leav
     save_adapter("out", adapters)                      # peft's files and keys
     adapters = load_adapter("out", params)             # validated against the tree
     merged = merge(params, adapters)                   # plain parameters for inference
+    both = ActiveAdapters((adapters, other))           # two adapters active at once, as peft's set_adapter([...])
 
 Module paths are the tree's key paths joined with dots (``model.layers.0.self_attn.q_proj``); matching is the
 core's (peft's rules). ``layout`` ("torch" or "flax", see ``peftcore_jax.layout``) says where a module keeps
@@ -15,10 +16,10 @@ its weight and in which orientation. All adapter math is ``peftcore``'s.
 """
 
 from peftcore_jax.io import adapter_state_dict, adapters_from_state_dict, load_adapter, save_adapter
-from peftcore_jax.layers import conv, dense, embed, embedding, linear
+from peftcore_jax.layers import conv, convolve, dense, embed, embedding, linear
 from peftcore_jax.layout import FLAX, LAYOUTS, TORCH, Layout, LeafSpec, get_layout
 from peftcore_jax.lora import JaxSampler, dora_weight_norms, init_lora, merge, module_key, target_modules, unmerge
-from peftcore_jax.params import LoraAdapters, LoraParams
+from peftcore_jax.params import ActiveAdapters, LoraAdapters, LoraParams
 from peftcore_jax.partition import combine, partition, trainable_mask
 from peftcore_jax.sharding import adapter_shardings, shard_adapters
 from peftcore_jax.tree import find_modules, leaf_paths, module_names, replace_leaves
@@ -27,6 +28,7 @@ __all__ = [
     "FLAX",
     "LAYOUTS",
     "TORCH",
+    "ActiveAdapters",
     "JaxSampler",
     "Layout",
     "LeafSpec",
@@ -37,6 +39,7 @@ __all__ = [
     "adapters_from_state_dict",
     "combine",
     "conv",
+    "convolve",
     "dense",
     "dora_weight_norms",
     "embed",

@@ -6,6 +6,11 @@ Keys are exactly peft's for the same model: ``base_model.model.<module path>.<co
 modules the config targets in the parameter tree: a missing or unexpected key raises
 ``IncompatibleKeysError`` naming it, a wrongly shaped array ``ShapeMismatchError`` naming the key and both
 shapes; nothing is ever zero-filled.
+
+Base weights in a folder: peft's ``save_embedding_layers`` ("auto" when an embedding layer is targeted, or
+after resizing the vocabulary) also writes the base embedding weights, ``<m>.base_layer.weight`` for a targeted
+module and ``<m>.weight`` for an untargeted one, which ``from_pretrained`` loads into the base model.
+``with_base_weights=True`` does the same to the parameter tree and returns ``(params', adapters)``.
 """
 
 from __future__ import annotations
@@ -17,17 +22,18 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from peftcore import LoraConfig
 from peftcore import io as core_io
 from peftcore.errors import ConfigError, IncompatibleKeysError, ShapeMismatchError
 from peftcore.matching import resolve_rank_alpha
 from peftcore.methods.lora import ops
-from peftcore.naming import DEFAULT_ADAPTER_NAME, checkpoint_key
-from peftcore_jax.layout import Layout, get_layout, to_core
+from peftcore.naming import BASE_MODEL_PREFIX, DEFAULT_ADAPTER_NAME, checkpoint_key
+from peftcore_jax.layout import Layout, from_core, get_layout, to_core
 from peftcore_jax.lora import target_modules
 from peftcore_jax.params import LoraAdapters, LoraParams
-from peftcore_jax.tree import Module, leaf_paths
+from peftcore_jax.tree import Module, find_modules, leaf_paths, replace_leaves
 
 __all__ = ["adapters_from_state_dict", "adapter_state_dict", "load_adapter", "save_adapter"]
 
@@ -78,18 +84,25 @@ def _expected_shapes(lora_kind: str, weight_shape: tuple[int, ...], *, r: int, a
 def adapters_from_state_dict(state_dict: Mapping[str, Any], config: LoraConfig, params: Any, /, *,
                              adapter_name: str = DEFAULT_ADAPTER_NAME, layout: str | Layout = "torch",
                              model_type: str | None = None, output_embedding_name: str | None = None,
-                             dtype: Any = None) -> LoraAdapters:
+                             dtype: Any = None,
+                             with_base_weights: bool = False) -> LoraAdapters | tuple[Any, LoraAdapters]:
     """``LoraAdapters`` from peft checkpoint keys, validated against the modules ``config`` targets in ``params``.
 
     Every targeted module must have all its keys (``lora_A``/``lora_B`` or ``lora_embedding_*``, plus
     ``lora_B.bias`` with ``lora_bias`` and ``lora_magnitude_vector`` with ``use_dora``) at the shapes its base
     weight and ``r`` (after ``rank_pattern``) imply; every key must belong to a targeted module.
+
+    Saved base weights (see the module docstring) must fit a module of ``params`` at its weight's shape. With
+    ``with_base_weights=True`` the result is ``(params', adapters)``, ``params'`` holding them (cast to each
+    leaf's dtype, placed with its sharding), as peft's loading puts them into the base model. Otherwise they
+    must equal the tree's own weights (peft's "auto" save of a targeted embedding copies the frozen base), and
+    a differing one (a resized or trained embedding) raises ``IncompatibleKeysError`` naming its key.
     """
     layout = get_layout(layout)
     targets = target_modules(params, config, layout=layout, model_type=model_type,
                              output_embedding_name=output_embedding_name)
     leaves = leaf_paths(params)
-    remaining = dict(state_dict)
+    remaining, base_weights = _split_base_weights(state_dict, params, leaves, layout=layout)
     missing: list[str] = []
     adapters: dict[str, LoraParams] = {}
     for path, module in targets.items():
@@ -105,7 +118,62 @@ def adapters_from_state_dict(state_dict: Mapping[str, Any], config: LoraConfig, 
         )
     if problems:
         raise IncompatibleKeysError(f"adapter {adapter_name!r} does not fit the parameter tree: " + "; ".join(problems))
-    return LoraAdapters.create(adapters, config, adapter_name=adapter_name, layout=layout)
+    loaded = LoraAdapters.create(adapters, config, adapter_name=adapter_name, layout=layout)
+    if with_base_weights:
+        new_params = replace_leaves(params, {path: value for path, (_, value) in base_weights.items()}) \
+            if base_weights else params
+        return new_params, loaded
+    differing = [key for path, (key, value) in base_weights.items() if not _equal(value, leaves[path])]
+    if differing:
+        raise IncompatibleKeysError(
+            f"adapter {adapter_name!r} carries base weights that differ from the parameter tree's: {differing} (peft "
+            "loads them into the base model, e.g. a resized or trained embedding); pass with_base_weights=True to "
+            "get (params', adapters) with them applied"
+        )
+    return loaded
+
+
+def _split_base_weights(state_dict: Mapping[str, Any], params: Any, leaves: dict, *,
+                        layout: Layout) -> tuple[dict, dict[str, tuple[str, jax.Array]]]:
+    """``(adapter keys, {leaf path: (key, array as the tree stores it)})``: peft's saved base weights pulled out.
+
+    ``<m>.base_layer.<leaf>`` (a targeted module) or ``<m>.<leaf>`` (an untargeted one) for a weight-holding
+    module ``m`` of ``params``; peft saves them as the torch module holds them, converted here through the
+    layout (a torch tree stores that orientation already).
+    """
+    modules = find_modules(params, layout=layout)
+    rest: dict = {}
+    found: dict[str, tuple[str, jax.Array]] = {}
+    for key, value in state_dict.items():
+        body = key[len(BASE_MODEL_PREFIX):] if key.startswith(BASE_MODEL_PREFIX) else key
+        head, _, leaf_name = body.rpartition(".")
+        module_path = head[: -len(".base_layer")] if head.endswith(".base_layer") else head
+        module = modules.get(module_path)
+        if module is None or leaf_name not in ("weight", "bias"):
+            rest[key] = value
+            continue
+        is_weight = leaf_name == "weight"
+        path = module.weight_path if is_weight else module.bias_path
+        if path is None:
+            raise IncompatibleKeysError(f"{key}: module {module_path!r} of the parameter tree has no bias leaf")
+        stored = leaves[path]
+        array = jnp.asarray(value)
+        if array.ndim == stored.ndim and is_weight:
+            array = from_core(array, module.spec)
+        if tuple(array.shape) != tuple(stored.shape):
+            raise ShapeMismatchError(
+                f"{key}: base weight of shape {tuple(jnp.shape(value))} in the adapter, but the parameter tree's "
+                f"{path!r} is {tuple(stored.shape)} (a resized embedding needs a tree of the new size)"
+            )
+        array = array.astype(stored.dtype)
+        if isinstance(stored, jax.Array):
+            array = jax.device_put(array, stored.sharding)
+        found[path] = (key, array)
+    return rest, found
+
+
+def _equal(loaded: jax.Array, stored: Any) -> bool:
+    return bool(np.array_equal(np.asarray(loaded), np.asarray(stored)))
 
 
 def _module_arrays(path: str, module: Module, config: LoraConfig, leaves: dict, remaining: dict,
@@ -144,15 +212,18 @@ def _module_arrays(path: str, module: Module, config: LoraConfig, leaves: dict, 
 
 def load_adapter(directory: str | os.PathLike, params: Any, /, *, adapter_name: str = DEFAULT_ADAPTER_NAME,
                  layout: str | Layout = "torch", model_type: str | None = None,
-                 output_embedding_name: str | None = None, dtype: Any = None) -> LoraAdapters:
+                 output_embedding_name: str | None = None, dtype: Any = None,
+                 with_base_weights: bool = False) -> LoraAdapters | tuple[Any, LoraAdapters]:
     """Read a peft adapter folder (``directory``, or ``directory/<adapter_name>``) for the tree ``params``.
 
     peft's ``PeftModel.from_pretrained`` / ``load_adapter`` for a parameter tree; see
-    ``adapters_from_state_dict`` for the checks. ``dtype`` casts the arrays (default: as stored).
+    ``adapters_from_state_dict`` for the checks and for saved base weights (``with_base_weights=True``
+    returns ``(params', adapters)`` with them applied). ``dtype`` casts the adapter arrays (default: as stored).
     """
     loaded = core_io.load_adapter(directory, adapter_name=adapter_name, xp=jnp)
     if not isinstance(loaded.config, LoraConfig):
         raise ConfigError(f"{loaded.path}: peft_type {loaded.config.peft_type!r} is not LORA; peftcore_jax loads LoRA")
     return adapters_from_state_dict(loaded.state_dict, loaded.config, params, adapter_name=adapter_name,
                                     layout=layout, model_type=model_type,
-                                    output_embedding_name=output_embedding_name, dtype=dtype)
+                                    output_embedding_name=output_embedding_name, dtype=dtype,
+                                    with_base_weights=with_base_weights)

@@ -1,13 +1,15 @@
 """Factored adapter layers for model code: base layer plus LoRA/DoRA branch, never forming ``W + ΔW``.
 
-``linear`` / ``embedding`` / ``conv`` take the base arrays and an optional ``LoraParams``; ``dense`` / ``embed``
-take a module subtree (``{"weight": ..., "bias": ...}``, ``{"kernel": ...}``, or an object with those
-attributes) and read its leaves through a ``Layout``. The adapter math is the core's
-(``peftcore.methods.lora.ops`` / ``dora``); only the base layer's own product is computed here.
+``linear`` / ``embedding`` / ``conv`` take the base arrays and an optional ``LoraParams``, or a sequence of
+them (several active adapters); ``dense`` / ``embed`` / ``convolve`` take a module subtree (``{"weight": ...,
+"bias": ...}``, ``{"kernel": ...}``, or an object with those attributes) and read its leaves through a
+``Layout``. The adapter math is the core's (``peftcore.methods.lora.ops`` / ``dora``); only the base layer's
+own product is computed here.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -19,7 +21,19 @@ from peftcore.methods.lora import dora, ops
 from peftcore_jax.layout import Layout, get_layout, to_core
 from peftcore_jax.params import LoraParams
 
-__all__ = ["conv", "dense", "embed", "embedding", "linear"]
+__all__ = ["conv", "convolve", "dense", "embed", "embedding", "linear"]
+
+
+Lora = LoraParams | Sequence[LoraParams] | None
+
+
+def _as_tuple(lora: Lora) -> tuple[LoraParams, ...]:
+    """``lora`` as a tuple: one adapter, several active ones in order (peft's ``active_adapters``), or none."""
+    if lora is None:
+        return ()
+    if isinstance(lora, LoraParams):
+        return (lora,)
+    return tuple(lora)
 
 
 def _check_kind(lora: LoraParams, kind: str) -> None:
@@ -27,6 +41,13 @@ def _check_kind(lora: LoraParams, kind: str) -> None:
         raise UnsupportedLayerError(f"a {lora.kind!r} adapter cannot be applied to a {kind} layer")
     if lora.use_dora and lora.lora_B_bias is not None:
         raise UnsupportedLayerError("DoRA with lora_bias=True is not supported (peft does not support it either)")
+
+
+def _keys(key: jax.Array | None, count: int) -> list[jax.Array | None]:
+    """One dropout key per active adapter (peft gives each adapter its own dropout module)."""
+    if key is None or count == 1:
+        return [key] * count
+    return [jax.random.fold_in(key, i) for i in range(count)]
 
 
 def _dropped(x: jax.Array, lora: LoraParams, key: jax.Array | None) -> tuple[jax.Array, bool]:
@@ -37,72 +58,119 @@ def _dropped(x: jax.Array, lora: LoraParams, key: jax.Array | None) -> tuple[jax
     return jnp.where(keep, x / (1.0 - lora.dropout), jnp.zeros_like(x)), True
 
 
-def linear(x: jax.Array, weight: jax.Array, bias: jax.Array | None = None, lora: LoraParams | None = None, /, *,
+def _add_adapters(result: jax.Array, loras: tuple[LoraParams, ...], update, dora_forward) -> jax.Array:
+    """``result`` plus each adapter's contribution, in order, as peft's forward loops over its active adapters.
+
+    Consecutive plain LoRA updates are accumulated and cast back once (peft's rounding); a DoRA adapter sees
+    the running result as its base output, as in peft. ``update(i, lora)`` / ``dora_forward(i, lora, result)``
+    compute adapter ``i``'s term.
+    """
+    pending: list[jax.Array] = []
+    for i, lora in enumerate(loras):
+        if lora.use_dora:
+            if pending:
+                result, pending = ops.accumulate(result, *pending), []
+            result = dora_forward(i, lora, result)
+        else:
+            pending.append(update(i, lora))
+    return ops.accumulate(result, *pending) if pending else result
+
+
+def linear(x: jax.Array, weight: jax.Array, bias: jax.Array | None = None, lora: Lora = None, /, *,
            fan_in_fan_out: bool | None = None, key: jax.Array | None = None) -> jax.Array:
     """``x Wᵀ + b + s·(x Aᵀ) Bᵀ`` (DoRA: peft's ``DoraLinearLayer``), ``(..., in) -> (..., out)``.
 
     ``weight`` is ``(out, in)``, or ``(in, out)`` when ``fan_in_fan_out`` (default: the adapter's flag, else
-    False). ``key`` switches on ``lora_dropout`` for the LoRA branch (training), as peft's dropout does.
+    False). ``lora`` may be a sequence: several active adapters, each adding its term in order (peft's
+    ``set_adapter([...])``). ``key`` switches on ``lora_dropout`` for the LoRA branches (training).
     """
-    fan_in_fan_out = (lora.fan_in_fan_out if lora is not None else False) if fan_in_fan_out is None else fan_in_fan_out
-    if lora is not None:
-        _check_kind(lora, "linear")
-        if lora.fan_in_fan_out != fan_in_fan_out:
+    loras = _as_tuple(lora)
+    if fan_in_fan_out is None:
+        fan_in_fan_out = loras[0].fan_in_fan_out if loras else False
+    for one in loras:
+        _check_kind(one, "linear")
+        if one.fan_in_fan_out != fan_in_fan_out:
             raise ShapeMismatchError(
-                f"adapter made for fan_in_fan_out={lora.fan_in_fan_out} applied to a weight {tuple(weight.shape)} "
+                f"adapter made for fan_in_fan_out={one.fan_in_fan_out} applied to a weight {tuple(weight.shape)} "
                 f"declared fan_in_fan_out={fan_in_fan_out}"
             )
     result = jnp.matmul(x, weight if fan_in_fan_out else weight.T)
     if bias is not None:
         result = result + bias
-    if lora is None:
+    if not loras:
         return result
-    x_lora, dropped = _dropped(x, lora, key)
-    if lora.use_dora:
-        return dora.linear_forward(result, x_lora, lora.lora_A, lora.lora_B, lora.lora_magnitude_vector, weight, bias,
-                                   scaling=lora.scaling, fan_in_fan_out=fan_in_fan_out, recompute_base=dropped)
-    return ops.linear_forward(result, x_lora, lora.lora_A, lora.lora_B, lora.lora_B_bias, scaling=lora.scaling)
+    # Tokens flattened to one axis: the factor gradients (gᵀh, dhᵀx) then contract over a single axis. Contracting
+    # over (batch, seq) makes XLA:CPU materialise a transposed copy of the cotangent, fused with (and recomputing)
+    # whatever produced it, e.g. SiLU's derivative after gate_proj (2-3x the step time; see bench/jax_lora.py).
+    lead = x.shape[:-1]
+    flat = jnp.reshape(x, (-1, x.shape[-1]))
+    inputs = [_dropped(flat, one, k) for one, k in zip(loras, _keys(key, len(loras)))]
+
+    def update(i, one):
+        return ops.linear_update(inputs[i][0], one.lora_A, one.lora_B, one.lora_B_bias, scaling=one.scaling)
+
+    def dora_forward(i, one, running):
+        x_i, dropped = inputs[i]
+        return dora.linear_forward(running, x_i, one.lora_A, one.lora_B, one.lora_magnitude_vector, weight, bias,
+                                   scaling=one.scaling, fan_in_fan_out=fan_in_fan_out, recompute_base=dropped)
+
+    out = _add_adapters(jnp.reshape(result, (-1, result.shape[-1])), loras, update, dora_forward)
+    return jnp.reshape(out, (*lead, out.shape[-1]))
 
 
-def embedding(indices: jax.Array, weight: jax.Array, lora: LoraParams | None = None, /, *,
+def embedding(indices: jax.Array, weight: jax.Array, lora: Lora = None, /, *,
               padding_idx: int | None = None, max_norm: float | None = None,
               embed_scale: float | jax.Array | None = None) -> jax.Array:
     """``W[idx] + s·(Aᵀ[idx]) Bᵀ`` for ``weight (num, dim)`` (DoRA: peft's ``DoraEmbeddingLayer``).
 
     ``padding_idx`` / ``max_norm`` / ``embed_scale`` are the base layer's, forwarded to the LoRA lookup as
-    peft does; the base lookup itself is a plain gather (no renormalisation of the base table).
+    peft does; the base lookup itself is a plain gather (no renormalisation of the base table). ``lora`` may
+    be a sequence of active adapters, as in ``linear``.
     """
     result = jnp.take(weight, indices, axis=0)
     if embed_scale is not None:
         result = result * embed_scale
-    if lora is None:
-        return result
-    _check_kind(lora, "embedding")
-    if lora.use_dora:
-        return dora.embedding_forward(result, indices, lora.lora_A, lora.lora_B, lora.lora_magnitude_vector, weight,
-                                      scaling=lora.scaling, embed_scale=embed_scale, max_norm=max_norm,
-                                      padding_idx=padding_idx)
-    return ops.embedding_forward(result, indices, lora.lora_A, lora.lora_B, scaling=lora.scaling,
-                                 max_norm=max_norm, embed_scale=embed_scale, padding_idx=padding_idx)
+    loras = _as_tuple(lora)
+    for one in loras:
+        _check_kind(one, "embedding")
+    options = dict(max_norm=max_norm, embed_scale=embed_scale, padding_idx=padding_idx)
+
+    def update(i, one):
+        return ops.embedding_update(indices, one.lora_A, one.lora_B, scaling=one.scaling, **options)
+
+    def dora_forward(i, one, running):
+        return dora.embedding_forward(running, indices, one.lora_A, one.lora_B, one.lora_magnitude_vector, weight,
+                                      scaling=one.scaling, **options)
+
+    return _add_adapters(result, loras, update, dora_forward)
 
 
-def conv(x: jax.Array, weight: jax.Array, bias: jax.Array | None = None, lora: LoraParams | None = None, /, *,
+def conv(x: jax.Array, weight: jax.Array, bias: jax.Array | None = None, lora: Lora = None, /, *,
          stride: int | tuple[int, ...] = 1, padding: int | tuple[int, ...] | str = 0,
          dilation: int | tuple[int, ...] = 1, groups: int = 1, key: jax.Array | None = None) -> jax.Array:
-    """Torch-ordered ConvNd ``x (batch, in, *spatial)``, ``weight (out, in/groups, *k)`` plus ``s·convB(convA(x))``."""
+    """Torch-ordered ConvNd ``x (batch, in, *spatial)``, ``weight (out, in/groups, *k)`` plus ``s·convB(convA(x))``.
+
+    ``lora`` may be a sequence of active adapters, as in ``linear``.
+    """
     result = conv_nd(x, weight, stride=stride, padding=padding, dilation=dilation, groups=groups)
     if bias is not None:
         result = result + jnp.reshape(bias, (-1,) + (1,) * (weight.ndim - 2))
-    if lora is None:
-        return result
-    _check_kind(lora, "conv")
-    x_lora, dropped = _dropped(x, lora, key)
-    if lora.use_dora:
-        return dora.conv_forward(result, x_lora, lora.lora_A, lora.lora_B, lora.lora_magnitude_vector, weight, bias,
-                                 scaling=lora.scaling, stride=stride, padding=padding, dilation=dilation,
+    loras = _as_tuple(lora)
+    for one in loras:
+        _check_kind(one, "conv")
+    inputs = [_dropped(x, one, k) for one, k in zip(loras, _keys(key, len(loras)))]
+
+    def update(i, one):
+        return ops.conv_update(inputs[i][0], one.lora_A, one.lora_B, one.lora_B_bias, scaling=one.scaling,
+                               stride=stride, padding=padding, groups=groups)
+
+    def dora_forward(i, one, running):
+        x_i, dropped = inputs[i]
+        return dora.conv_forward(running, x_i, one.lora_A, one.lora_B, one.lora_magnitude_vector, weight, bias,
+                                 scaling=one.scaling, stride=stride, padding=padding, dilation=dilation,
                                  groups=groups, recompute_base=dropped)
-    return ops.conv_forward(result, x_lora, lora.lora_A, lora.lora_B, lora.lora_B_bias, scaling=lora.scaling,
-                            stride=stride, padding=padding, groups=groups)
+
+    return _add_adapters(result, loras, update, dora_forward)
 
 
 def _leaf(module: Any, name: str) -> Any:
@@ -122,7 +190,7 @@ def _spec_of(module: Any, layout: Layout, kind: str):
     raise UnsupportedLayerError(f"module has no {kind} weight leaf {leaves} under the {layout.name!r} layout")
 
 
-def dense(x: jax.Array, module: Any, lora: LoraParams | None = None, /, *, layout: str | Layout = "torch",
+def dense(x: jax.Array, module: Any, lora: Lora = None, /, *, layout: str | Layout = "torch",
           key: jax.Array | None = None) -> jax.Array:
     """``linear`` on a module subtree: its weight leaf and orientation come from ``layout``, its bias if present.
 
@@ -130,13 +198,36 @@ def dense(x: jax.Array, module: Any, lora: LoraParams | None = None, /, *, layou
     """
     layout = get_layout(layout)
     spec, weight = _spec_of(module, layout, "linear")
-    fan_in_fan_out = lora.fan_in_fan_out if lora is not None else spec.fan_in_fan_out
-    return linear(x, weight, _leaf(module, layout.bias_leaf), lora, fan_in_fan_out=fan_in_fan_out, key=key)
+    loras = _as_tuple(lora)
+    fan_in_fan_out = loras[0].fan_in_fan_out if loras else spec.fan_in_fan_out
+    return linear(x, weight, _leaf(module, layout.bias_leaf), loras, fan_in_fan_out=fan_in_fan_out, key=key)
 
 
-def embed(indices: jax.Array, module: Any, lora: LoraParams | None = None, /, *, layout: str | Layout = "torch",
+def embed(indices: jax.Array, module: Any, lora: Lora = None, /, *, layout: str | Layout = "torch",
           **options: Any) -> jax.Array:
     """``embedding`` on a module subtree (weight leaf per ``layout``); ``options`` as ``embedding``'s keywords."""
     layout = get_layout(layout)
     spec, weight = _spec_of(module, layout, "embedding")
     return embedding(indices, to_core(weight, spec), lora, **options)
+
+
+def convolve(x: jax.Array, module: Any, lora: Lora = None, /, *, layout: str | Layout = "torch",
+             channels_last: bool | None = None, stride: int | tuple[int, ...] = 1,
+             padding: int | tuple[int, ...] | str = 0, dilation: int | tuple[int, ...] = 1, groups: int = 1,
+             key: jax.Array | None = None) -> jax.Array:
+    """``conv`` on a module subtree: the kernel leaf and its axis order come from ``layout``, the bias if present.
+
+    ``x`` is ``(batch, in, *spatial)``, or ``(batch, *spatial, in)`` when ``channels_last`` (default: True for
+    the flax layout, as ``flax.linen.Conv`` takes it; the output follows the same convention). ``padding``
+    strings are case-insensitive (flax's ``"SAME"``/``"VALID"``, torch's semantics: ``"same"`` needs stride 1).
+    """
+    layout = get_layout(layout)
+    spec, weight = _spec_of(module, layout, "conv")
+    channels_last = layout.name == "flax" if channels_last is None else channels_last
+    if isinstance(padding, str):
+        padding = padding.lower()
+    if channels_last:
+        x = jnp.moveaxis(x, -1, 1)
+    y = conv(x, to_core(weight, spec), _leaf(module, layout.bias_leaf), lora, stride=stride, padding=padding,
+             dilation=dilation, groups=groups, key=key)
+    return jnp.moveaxis(y, 1, -1) if channels_last else y

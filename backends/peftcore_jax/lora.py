@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import warnings
 import zlib
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -21,7 +22,7 @@ from peftcore.matching import match_targets, resolve_rank_alpha
 from peftcore.methods.lora import dora, init, ops
 from peftcore.naming import DEFAULT_ADAPTER_NAME
 from peftcore_jax.layout import Layout, LeafSpec, from_core, get_layout, to_core
-from peftcore_jax.params import LoraAdapters, LoraParams
+from peftcore_jax.params import ActiveAdapters, LoraAdapters, LoraParams
 from peftcore_jax.tree import Module, find_modules, leaf_paths, module_names, replace_leaves
 
 __all__ = ["JaxSampler", "dora_weight_norms", "init_lora", "merge", "module_key", "target_modules", "unmerge"]
@@ -179,11 +180,14 @@ def _stored(weight: jax.Array, spec: LeafSpec, lora: LoraParams) -> jax.Array:
     return weight if lora.kind == "linear" else from_core(weight, spec)
 
 
-def dora_weight_norms(params: Any, adapters: LoraAdapters, /) -> dict[str, jax.Array]:
+def dora_weight_norms(params: Any, adapters: LoraAdapters | ActiveAdapters, /) -> Any:
     """``{path: ‖W + ΔW‖}`` of each DoRA module of unmerged ``params`` (peft's ``<adapter>-weight_norm`` cache).
 
-    Compute it before ``merge``; ``unmerge`` of a DoRA adapter needs it.
+    Compute it before ``merge``; ``unmerge`` of a DoRA adapter needs it. For ``ActiveAdapters``, a list with
+    one such dict per adapter (all on the unmerged ``params``, where peft takes every DoRA norm).
     """
+    if isinstance(adapters, ActiveAdapters):
+        return [dora_weight_norms(params, one) for one in adapters.adapters]
     modules = find_modules(params, layout=adapters.layout)
     leaves = leaf_paths(params)
     norms = {}
@@ -201,14 +205,24 @@ def dora_weight_norms(params: Any, adapters: LoraAdapters, /) -> dict[str, jax.A
     return norms
 
 
-def merge(params: Any, adapters: LoraAdapters, /, *, safe: bool = False) -> Any:
-    """New ``params`` with every adapter merged: ``W + ΔW`` (DoRA: ``m/‖W+ΔW‖ · (W+ΔW)``), biases ``b + s·b_B``.
+def merge(params: Any, adapters: LoraAdapters | ActiveAdapters, /, *, safe: bool = False,
+          base_params: Any = None) -> Any:
+    """New ``params`` with every adapter merged: ``W + ΔW`` (DoRA ``m/‖W₀+ΔW‖·(W+ΔW)``), biases ``b+s·b_B``.
 
-    peft's ``merge_and_unload`` on the parameters. ``safe=True`` raises ``MergeError`` naming the module when a
-    merged weight is not finite (reads values: not jit-able); otherwise pure and jit-able.
+    peft's ``merge_and_unload`` on the parameters; ``ActiveAdapters`` merge one after the other, in order, as
+    peft merges several active adapters. DoRA norms are taken on ``base_params`` (default ``params``): the
+    weights before any adapter was merged, as peft's ``_unmerged_base_weight`` (pass them when merging into
+    already-merged parameters). ``safe=True`` raises ``MergeError`` naming the module when a merged weight is
+    not finite (reads values: not jit-able); otherwise pure and jit-able.
     """
+    base_params = params if base_params is None else base_params
+    if isinstance(adapters, ActiveAdapters):
+        for one in adapters.adapters:
+            params = merge(params, one, safe=safe, base_params=base_params)
+        return params
     modules = find_modules(params, layout=adapters.layout)
     leaves = leaf_paths(params)
+    base_leaves = leaves if base_params is params else leaf_paths(base_params)
     replacements = {}
     for path, lora in adapters.params.items():
         module = _module_of(path, modules, adapters.layout)
@@ -216,13 +230,15 @@ def merge(params: Any, adapters: LoraAdapters, /, *, safe: bool = False) -> Any:
         delta = _delta(lora, weight)
         if not lora.use_dora:
             merged = ops.merge(weight, delta, safe=safe, name=path)
-        elif lora.kind == "linear":
-            merged, _ = dora.merge(weight, delta, lora.lora_magnitude_vector, safe=safe, name=path,
-                                   fan_in_fan_out=lora.fan_in_fan_out)
-        elif lora.kind == "embedding":
-            merged, _ = dora.embedding_merge(weight, delta, lora.lora_magnitude_vector, safe=safe, name=path)
         else:
-            merged, _ = dora.conv_merge(weight, delta, lora.lora_magnitude_vector, safe=safe, name=path)
+            base, _ = _core_weight(base_leaves, module, lora)
+            m = lora.lora_magnitude_vector
+            if lora.kind == "linear":
+                merged, _ = dora.merge(weight, delta, m, base, safe=safe, name=path, fan_in_fan_out=lora.fan_in_fan_out)
+            elif lora.kind == "embedding":
+                merged, _ = dora.embedding_merge(weight, delta, m, base, safe=safe, name=path)
+            else:
+                merged, _ = dora.conv_merge(weight, delta, m, base, safe=safe, name=path)
         replacements[module.weight_path] = _stored(merged, spec, lora)
         if lora.lora_B_bias is not None:
             bias = leaves[module.bias_path] if module.bias_path else None
@@ -231,8 +247,20 @@ def merge(params: Any, adapters: LoraAdapters, /, *, safe: bool = False) -> Any:
     return replace_leaves(params, replacements)
 
 
-def unmerge(params: Any, adapters: LoraAdapters, /, *, weight_norms: dict[str, jax.Array] | None = None) -> Any:
-    """Inverse of ``merge``: ``W − ΔW`` (DoRA: ``W·‖W₀+ΔW‖/m − ΔW``, norms from ``dora_weight_norms``)."""
+def unmerge(params: Any, adapters: LoraAdapters | ActiveAdapters, /, *,
+            weight_norms: dict[str, jax.Array] | Sequence[dict[str, jax.Array] | None] | None = None) -> Any:
+    """Inverse of ``merge``: ``W − ΔW`` (DoRA: ``W·‖W₀+ΔW‖/m − ΔW``, norms from ``dora_weight_norms``).
+
+    ``ActiveAdapters`` unmerge in reverse order; their ``weight_norms`` is one entry per adapter, as
+    ``dora_weight_norms(params, active)`` gives them.
+    """
+    if isinstance(adapters, ActiveAdapters):
+        norms = [None] * len(adapters) if weight_norms is None else list(weight_norms)
+        if len(norms) != len(adapters):
+            raise MergeError(f"weight_norms has {len(norms)} entries for {len(adapters)} active adapters")
+        for one, one_norms in zip(reversed(adapters.adapters), reversed(norms)):
+            params = unmerge(params, one, weight_norms=one_norms)
+        return params
     modules = find_modules(params, layout=adapters.layout)
     leaves = leaf_paths(params)
     replacements = {}

@@ -3,7 +3,8 @@
 ``LoraParams`` holds one module's factors in the core's (torch) orientation, the orientation peft saves:
 Linear ``lora_A (r, in)``, ``lora_B (out, r)``; Embedding ``lora_A`` = ``lora_embedding_A (r, num)``,
 ``lora_B`` = ``lora_embedding_B (dim, r)``; Conv ``lora_A (r, in, *k)``, ``lora_B (out, r/groups, 1, ..)``.
-``LoraAdapters`` holds every module's ``LoraParams`` for one adapter name plus its ``LoraConfig``.
+``LoraAdapters`` holds every module's ``LoraParams`` for one adapter name plus its ``LoraConfig``;
+``ActiveAdapters`` several of them active at once.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ from typing import Any
 import jax
 
 from peftcore import LoraConfig, get_peft_config
+from peftcore.errors import ConfigError
 from peftcore_jax.layout import Layout
 
-__all__ = ["LoraAdapters", "LoraParams"]
+__all__ = ["ActiveAdapters", "LoraAdapters", "LoraParams"]
 
 
 @functools.partial(
@@ -90,3 +92,37 @@ class LoraAdapters:
 
     def __len__(self) -> int:
         return len(self.params)
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["adapters"], meta_fields=[])
+@dataclasses.dataclass(frozen=True)
+class ActiveAdapters:
+    """Several adapters active at once, applied in order: peft's ``set_adapter(["a", "b"])``.
+
+    Pass it wherever a ``LoraAdapters`` goes in model code: ``.get(path)`` returns the tuple of that module's
+    ``LoraParams`` (adapters without the module skipped), which the layers add one after the other as
+    peft's forward loops over ``active_adapters``. A pytree: ``jax.grad`` w.r.t. it gives one per adapter.
+    """
+
+    adapters: tuple[LoraAdapters, ...]
+
+    def __post_init__(self) -> None:
+        adapters = tuple(self.adapters)
+        object.__setattr__(self, "adapters", adapters)
+        real = [a for a in adapters if isinstance(a, LoraAdapters)]
+        names = [a.adapter_name for a in real]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"active adapters need distinct names, got {names}")
+        layouts = {a.layout.name for a in real}
+        if len(layouts) > 1:
+            raise ConfigError(f"active adapters were made for different layouts: {sorted(layouts)}")
+
+    def get(self, path: str, default: Any = None) -> tuple[LoraParams, ...] | Any:
+        found = tuple(a.params[path] for a in self.adapters if path in a.params)
+        return found if found else default
+
+    def __contains__(self, path: object) -> bool:
+        return any(path in a for a in self.adapters)
+
+    def __len__(self) -> int:
+        return len(self.adapters)

@@ -24,14 +24,6 @@ Q = "model.layers.0.self_attn.q_proj"
 KEY_A = f"base_model.model.{Q}.lora_A.weight"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fp32_jax():
-    previous = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", False)
-    yield
-    jax.config.update("jax_enable_x64", previous)
-
-
 def _params():
     rng = np.random.default_rng(0)
 

@@ -12,15 +12,9 @@ import pytest
 
 import peftcore_jax as pj
 from peftcore import LoraConfig
+from peftcore.errors import ConfigError, IncompatibleKeysError, ShapeMismatchError
 from peftcore_jax.layout import from_core, to_core
-
-
-@pytest.fixture(scope="module", autouse=True)
-def fp32_jax():
-    previous = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", False)
-    yield
-    jax.config.update("jax_enable_x64", previous)
+from tests.reference import lora as reference
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["attn", "norm"], meta_fields=[])
@@ -208,3 +202,93 @@ def test_lora_dropout_applies_only_with_a_key():
     assert not np.allclose(plain, dropped)
     # the base branch never sees dropout: with the adapter switched off the key changes nothing
     np.testing.assert_array_equal(pj.dense(x, tree["proj"]), pj.dense(x, tree["proj"], None, key=jax.random.key(1)))
+
+
+def test_flax_conv_module_forward_and_merge_match_numpy():
+    rng = np.random.default_rng(8)
+    kernel, bias = _rand(rng, 2, 3, 3, 5), _rand(rng, 5)  # flax (kh, kw, in, out)
+    tree = {"Conv_0": {"kernel": jnp.asarray(kernel), "bias": jnp.asarray(bias)}}
+    config = LoraConfig(r=2, lora_alpha=3, target_modules=["Conv_0"])
+    _, adapters = pj.init_lora(tree, config, jax.random.key(0), layout="flax")
+    lora = _random_lora(rng, adapters["Conv_0"])
+    assert lora.lora_A.shape == (2, 3, 2, 3) and lora.lora_B.shape == (5, 2, 1, 1)
+    x = _rand(rng, 2, 6, 5, 3)  # (batch, h, w, in): flax's channels-last input
+
+    core_w = kernel.transpose(3, 2, 0, 1).astype(np.float64)  # (out, in, kh, kw)
+    A, B = np.asarray(lora.lora_A, np.float64), np.asarray(lora.lora_B, np.float64)
+    merged_w = core_w + reference.conv_delta(A, B, 3 / 2)
+    x_cf = x.transpose(0, 3, 1, 2).astype(np.float64)
+    base = reference.conv(x_cf, core_w, stride=2, padding=1) + bias[:, None, None]
+    expected = (base + reference.conv_update(x_cf, A, B, 3 / 2, stride=2, padding=1)).transpose(0, 2, 3, 1)
+    np.testing.assert_allclose(
+        reference.conv(x_cf, merged_w, stride=2, padding=1).transpose(0, 2, 3, 1) + bias, expected, rtol=1e-10)
+
+    run = jax.jit(lambda x, lora: pj.convolve(x, tree["Conv_0"], lora, layout="flax", stride=2, padding=1))
+    np.testing.assert_allclose(run(jnp.asarray(x), lora), expected, rtol=1e-5, atol=1e-5)
+    both = pj.LoraAdapters.create({"Conv_0": lora}, config, adapter_name="default", layout=pj.FLAX)
+    merged = pj.merge(tree, both)
+    np.testing.assert_allclose(merged["Conv_0"]["kernel"], merged_w.transpose(2, 3, 1, 0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(pj.convolve(jnp.asarray(x), merged["Conv_0"], layout="flax", stride=2, padding=1),
+                               expected, rtol=1e-5, atol=1e-5)
+    restored = pj.unmerge(merged, both)
+    np.testing.assert_allclose(restored["Conv_0"]["kernel"], kernel, rtol=1e-5, atol=1e-5)
+    # "SAME" spelled the flax way, channels-first forced: the torch convention on a flax kernel
+    same = pj.convolve(jnp.asarray(x_cf, jnp.float32), tree["Conv_0"], lora, layout="flax", channels_last=False,
+                       padding="SAME")
+    expected_same = (reference.conv(x_cf, merged_w, padding="same") + bias[:, None, None])
+    np.testing.assert_allclose(same, expected_same, rtol=1e-5, atol=1e-5)
+
+
+def test_several_active_adapters_add_their_terms_in_order():
+    rng = np.random.default_rng(9)
+    tree = {"proj": {"weight": jnp.asarray(_rand(rng, 4, 6)), "bias": jnp.asarray(_rand(rng, 4))},
+            "embed_tokens": {"weight": jnp.asarray(_rand(rng, 10, 6))}}
+    first_config = LoraConfig(r=2, lora_alpha=4, target_modules=["proj", "embed_tokens"])
+    second_config = LoraConfig(r=3, lora_alpha=3, target_modules=["proj"], lora_bias=True)
+    _, first = pj.init_lora(tree, first_config, jax.random.key(0), adapter_name="first")
+    _, second = pj.init_lora(tree, second_config, jax.random.key(1), adapter_name="second")
+    first = jax.tree_util.tree_map(lambda v: jnp.asarray(_rand(rng, *v.shape)), first)
+    second = jax.tree_util.tree_map(lambda v: jnp.asarray(_rand(rng, *v.shape)), second)
+    active = pj.ActiveAdapters((first, second))
+    assert len(active.get("proj")) == 2 and len(active.get("embed_tokens")) == 1 and active.get("nope") is None
+
+    x = _rand(rng, 3, 2, 6).astype(np.float64)
+    W, b = np.asarray(tree["proj"]["weight"], np.float64), np.asarray(tree["proj"]["bias"], np.float64)
+    one, two = (jax.tree_util.tree_map(lambda v: np.asarray(v, np.float64), a["proj"]) for a in (first, second))
+    expected = (x @ W.T + b + 2.0 * (x @ one.lora_A.T) @ one.lora_B.T
+                + 1.0 * ((x @ two.lora_A.T) @ two.lora_B.T + two.lora_B_bias))
+    got = jax.jit(lambda x, active: pj.dense(x, tree["proj"], active.get("proj")))(jnp.asarray(x, jnp.float32), active)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+    grads = jax.grad(lambda active: pj.dense(jnp.asarray(x, jnp.float32), tree["proj"], active.get("proj")).sum())(
+        active)
+    assert isinstance(grads, pj.ActiveAdapters) and float(jnp.abs(grads.adapters[1]["proj"].lora_B_bias).min()) > 0
+
+    ids = np.array([[1, 9, 0]])
+    E = np.asarray(tree["embed_tokens"]["weight"], np.float64)
+    emb = jax.tree_util.tree_map(lambda v: np.asarray(v, np.float64), first["embed_tokens"])
+    np.testing.assert_allclose(pj.embed(jnp.asarray(ids), tree["embed_tokens"], active.get("embed_tokens")),
+                               E[ids] + 2.0 * emb.lora_A.T[ids] @ emb.lora_B.T, rtol=1e-5, atol=1e-5)
+
+    merged = pj.merge({"proj": {"weight": tree["proj"]["weight"], "bias": tree["proj"]["bias"]}},
+                      pj.ActiveAdapters((dataclasses.replace(first, params={"proj": first["proj"]}), second)))
+    np.testing.assert_allclose(pj.dense(jnp.asarray(x, jnp.float32), merged["proj"]), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ConfigError, match="distinct names"):
+        pj.ActiveAdapters((first, first))
+
+
+def test_flax_tree_takes_saved_base_weights_in_its_own_orientation():
+    rng = np.random.default_rng(10)
+    tree = {"Dense_0": {"kernel": jnp.asarray(_rand(rng, 6, 4))}, "lm_head": {"kernel": jnp.asarray(_rand(rng, 4, 9))}}
+    config = LoraConfig(r=2, target_modules=["lm_head"])
+    _, adapters = pj.init_lora(tree, config, jax.random.key(0), layout="flax")
+    head = _rand(rng, 9, 4)  # peft saves the torch module's (out, in) weight
+    state = {**pj.adapter_state_dict(adapters), "base_model.model.lm_head.base_layer.weight": head}
+    new_tree, loaded = pj.adapters_from_state_dict(state, config, tree, layout="flax", with_base_weights=True)
+    np.testing.assert_array_equal(new_tree["lm_head"]["kernel"], head.T)
+    assert new_tree["Dense_0"]["kernel"] is tree["Dense_0"]["kernel"] and "lm_head" in loaded
+    with pytest.raises(IncompatibleKeysError, match=r"lm_head\.base_layer\.weight.*with_base_weights=True"):
+        pj.adapters_from_state_dict(state, config, tree, layout="flax")
+    state["base_model.model.lm_head.base_layer.weight"] = _rand(rng, 10, 4)
+    with pytest.raises(ShapeMismatchError, match=r"lm_head\.base_layer\.weight.*\(10, 4\).*\(4, 9\)"):
+        pj.adapters_from_state_dict(state, config, tree, layout="flax", with_base_weights=True)

@@ -14,15 +14,6 @@ from examples import jax_llama
 pytestmark = pytest.mark.oracle
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fp32_jax():
-    """fp32 parity needs x64 off (the suite's conftest turns it on for the core tests); restored afterwards."""
-    previous = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", False)
-    yield
-    jax.config.update("jax_enable_x64", previous)
-
-
 def _model(**overrides):
     torch.manual_seed(0)
     config = transformers.LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,

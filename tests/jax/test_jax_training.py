@@ -19,14 +19,6 @@ pytestmark = pytest.mark.oracle
 IDS = np.array([[5, 17, 3, 63, 0, 9, 42, 8], [1, 2, 3, 4, 5, 6, 7, 8]])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fp32_jax():
-    previous = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", False)
-    yield
-    jax.config.update("jax_enable_x64", previous)
-
-
 def _base():
     torch.manual_seed(0)
     config = transformers.LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,

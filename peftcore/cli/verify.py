@@ -1,0 +1,148 @@
+"""``peftcore verify ADAPTER_DIR``: every adapted layer's ΔW on each installed backend vs a float64 reference.
+
+The reference is ``s·B·A`` (``s·(B·A)ᵀ`` for embeddings) formed by plain NumPy matmuls in float64;
+each backend forms ΔW with the core's ``peftcore.methods.lora.ops`` in the adapter's own dtype.
+Frameworks are imported only here, inside :func:`namespace`, and only when asked for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+from typing import Any
+
+import numpy as np
+
+from peftcore.cli._common import DTYPE_NAMES, open_adapter, peft_type_name, to_json
+from peftcore.errors import ConfigError, MergeError
+from peftcore.matching import resolve_rank_alpha
+from peftcore.methods.lora import ops
+
+HELP = "compute every adapted layer's delta weight on each backend and compare with a float64 reference"
+BACKENDS = ("numpy", "array_api_strict", "torch", "jax")
+_MODULE_OF = {"numpy": "numpy", "array_api_strict": "array_api_strict", "torch": "torch", "jax": "jax"}
+# largest accepted |ΔW - ref| / max|ref| per adapter dtype: a few ulps of accumulated rounding
+DEFAULT_RTOL = {"float64": 1e-10, "float32": 1e-5, "float16": 4e-3, "bfloat16": 3e-2}
+EXIT_DISAGREE = 3
+
+
+def add_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser("verify", help=HELP, description=HELP[0].upper() + HELP[1:] + ".")
+    parser.add_argument("adapter_dir", metavar="ADAPTER_DIR")
+    parser.add_argument("--backends", help=f"comma-separated subset of {','.join(BACKENDS)} "
+                        "(default: every installed one)")
+    parser.add_argument("--rtol", type=float, help="relative tolerance (default: by adapter dtype, "
+                        + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_RTOL.items()) + ")")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.set_defaults(run=run)
+
+
+def installed_backends() -> list[str]:
+    """Backends whose package is importable (found without importing it)."""
+    return [name for name in BACKENDS if importlib.util.find_spec(_MODULE_OF[name]) is not None]
+
+
+def namespace(name: str) -> Any:
+    """The Array API namespace of backend ``name`` (imports the framework)."""
+    if name not in BACKENDS:
+        raise ConfigError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
+    if importlib.util.find_spec(_MODULE_OF[name]) is None:
+        raise ConfigError(f"backend {name!r} is not installed")
+    if name == "numpy":
+        import array_api_compat.numpy as xp
+    elif name == "array_api_strict":
+        import array_api_strict as xp
+    elif name == "torch":
+        import array_api_compat.torch as xp
+    else:
+        import jax
+
+        jax.config.update("jax_enable_x64", True)
+        import jax.numpy as xp
+    return xp
+
+
+def _to_backend(values: np.ndarray, dtype_name: str, *, xp: Any) -> Any:
+    array = xp.asarray(values)
+    target = getattr(xp, dtype_name, None) or xp.float32  # NumPy and array-api-strict lack bfloat16
+    return array if array.dtype == target else xp.astype(array, target)
+
+
+def _reference(a: np.ndarray, b: np.ndarray, *, scaling: float, embedding: bool) -> np.ndarray:
+    if embedding:
+        return (b @ a).T * scaling
+    return np.tensordot(b.reshape(b.shape[0], -1), a, axes=1) * scaling
+
+
+def _delta(a: Any, b: Any, *, scaling: float, embedding: bool) -> Any:
+    if embedding:
+        return ops.embedding_delta_weight(a, b, scaling=scaling)
+    if a.ndim > 2:
+        return ops.conv_delta_weight(a, b, scaling=scaling)
+    return ops.delta_weight(a, b, scaling=scaling)
+
+
+def verify_adapter(adapter_dir: str, *, backends: list[str] | None = None, rtol: float | None = None) -> dict[str, Any]:
+    """Per backend and layer: max |ΔW − ref| and that over max |ref|; ``ok`` when every ratio <= rtol."""
+    from peftcore.testing import to_numpy
+
+    layout = open_adapter(adapter_dir)
+    if peft_type_name(layout.config) != "LORA":
+        raise MergeError(f"verify supports LoRA adapters; {adapter_dir} is a {peft_type_name(layout.config)} adapter")
+    names = installed_backends() if backends is None else backends
+    spaces = {name: namespace(name) for name in names}
+    layers, worst = [], {name: 0.0 for name in names}
+    ok = True
+    for module, parts in layout.modules.items():
+        embedding = "lora_embedding_A" in parts
+        a_key = parts.get("lora_embedding_A" if embedding else "lora_A.weight")
+        b_key = parts.get("lora_embedding_B" if embedding else "lora_B.weight")
+        if a_key is None or b_key is None:
+            continue
+        r, alpha = resolve_rank_alpha(layout.config, module)
+        s = ops.scaling(r, alpha, use_rslora=bool(getattr(layout.config, "use_rslora", False)))
+        code = layout.weights.tensors[a_key].code
+        dtype = DTYPE_NAMES[code]
+        b_code = layout.weights.tensors[b_key].code
+        a, b = layout.weights.read_float64(a_key), layout.weights.read_float64(b_key)  # exact widening
+        reference = _reference(a.astype(np.float64), b.astype(np.float64), scaling=s, embedding=embedding)
+        scale = float(np.max(np.abs(reference))) if reference.size else 0.0
+        tolerance = rtol if rtol is not None else DEFAULT_RTOL.get(dtype, 1e-5)
+        row: dict[str, Any] = {"module": module, "dtype": dtype, "shape": list(reference.shape), "backends": {}}
+        for name, xp in spaces.items():
+            delta = _delta(_to_backend(a, dtype, xp=xp), _to_backend(b, DTYPE_NAMES[b_code], xp=xp),
+                           scaling=s, embedding=embedding)
+            error = float(np.max(np.abs(to_numpy(delta).astype(np.float64) - reference))) if reference.size else 0.0
+            relative = error / scale if scale > 0 else error
+            row["backends"][name] = {"max_abs_error": error, "relative_error": relative}
+            worst[name] = max(worst[name], relative)
+            ok = ok and relative <= tolerance
+        row["rtol"] = tolerance
+        layers.append(row)
+    return {"adapter": str(layout.folder), "backends": names, "layers": layers, "worst_relative_error": worst, "ok": ok}
+
+
+def format_text(report: dict[str, Any]) -> str:
+    names = report["backends"]
+    rows = [("module", "dtype", *names)]
+    for layer in report["layers"]:
+        rows.append((layer["module"], layer["dtype"],
+                     *(f"{layer['backends'][n]['relative_error']:.2e}" for n in names)))
+    rows.append(("worst", "", *(f"{report['worst_relative_error'][n]:.2e}" for n in names)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["relative error of ΔW against the float64 reference (max|Δ-ref| / max|ref|)"]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.append("OK" if report["ok"] else "DISAGREEMENT above tolerance")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    backends = None
+    if args.backends:
+        backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+        for b in backends:
+            if b not in BACKENDS:
+                raise ConfigError(f"unknown backend {b!r}; choose from {', '.join(BACKENDS)}")
+    report = verify_adapter(args.adapter_dir, backends=backends, rtol=args.rtol)
+    print(to_json(report) if args.json else format_text(report))
+    return 0 if report["ok"] else EXIT_DISAGREE

@@ -2,18 +2,15 @@
 
 The layout is ``peft``'s ``PeftModel.save_pretrained``: adapter ``"default"`` lives in
 the directory itself, any other adapter in ``<directory>/<adapter_name>/``. Weights
-are a flat ``{checkpoint_key: array}`` dict in the safetensors format (an 8-byte
-little-endian header length, a JSON header, raw little-endian data), which this
-module reads and writes byte by byte, laid out as the ``safetensors`` library lays
-it out, so no framework is needed: bfloat16, which NumPy lacks, travels as its
-bit pattern. Pickled ``adapter_model.bin`` files are never read.
+are a flat ``{checkpoint_key: array}`` dict in the safetensors format, read and
+written byte by byte by ``peftcore._safetensors``, so no framework is needed:
+bfloat16, which NumPy lacks, travels as its bit pattern. Pickled
+``adapter_model.bin`` files are never read.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-import math
 import os
 import secrets
 import shutil
@@ -24,6 +21,8 @@ from typing import Any, NamedTuple
 import array_api_compat
 import numpy as np
 
+from peftcore import _safetensors as st
+from peftcore._safetensors import write_encoded as _write_safetensors  # a module global: tests crash it mid-write
 from peftcore._xp import Array, Namespace, array_namespace, dtype_name, is_numpy_namespace, stop_gradient
 from peftcore.config import PeftConfig
 from peftcore.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
@@ -44,30 +43,9 @@ __all__ = [
 # transformers' loaders check for it.
 _DEFAULT_METADATA = {"format": "pt"}
 
-# (safetensors code, little-endian storage dtype, Array API dtype name), in the order of
-# safetensors' ``Dtype`` enum: its writer lays tensors out by descending dtype, then name.
-_DTYPE_TABLE = (
-    ("U8", "<u1", "uint8"),
-    ("I8", "<i1", "int8"),
-    ("I16", "<i2", "int16"),
-    ("U16", "<u2", "uint16"),
-    ("F16", "<f2", "float16"),
-    ("BF16", "<u2", "bfloat16"),  # stored as its 16-bit pattern
-    ("I32", "<i4", "int32"),
-    ("U32", "<u4", "uint32"),
-    ("F32", "<f4", "float32"),
-    ("F64", "<f8", "float64"),
-    ("I64", "<i8", "int64"),
-    ("U64", "<u8", "uint64"),
-)
-_CODE_OF_NAME = {name: code for code, _, name in _DTYPE_TABLE}
-_NAME_OF_CODE = {code: name for code, _, name in _DTYPE_TABLE}
-_STORAGE_OF_CODE = {code: np.dtype(storage) for code, storage, _ in _DTYPE_TABLE}
-_LAYOUT_RANK = {code: rank for rank, (code, _, _) in enumerate(_DTYPE_TABLE)}
 _FLOAT_NAMES = ("float16", "bfloat16", "float32", "float64")
-
-# safetensors refuses headers above 100 MB; so do we, before allocating one.
-_MAX_HEADER_BYTES = 100_000_000
+# adapter files hold float or integer arrays, never BOOL
+_CODE_OF_NAME = {st.DTYPE_NAMES[code]: code for code in st.NUMERIC_CODES}
 
 
 class LoadedAdapter(NamedTuple):
@@ -149,22 +127,11 @@ def load_adapter(
     if not folder.is_dir():
         found = sorted(p.name for p in root.iterdir() if (p / CONFIG_NAME).is_file())
         raise AdapterNotFoundError(f"no adapter {adapter_name!r} in {root}: {folder} does not exist (found {found})")
-    config_file = folder / CONFIG_NAME
-    if not config_file.is_file():
-        raise AdapterNotFoundError(f"{config_file} does not exist; {folder} holds no peft adapter")
-    weights_file = folder / SAFETENSORS_WEIGHTS_NAME
-    if not weights_file.is_file():
-        pickle_note = ""
-        if (folder / WEIGHTS_NAME).is_file():
-            pickle_note = (
-                f"; {folder / WEIGHTS_NAME} exists, but peftcore does not read pickled (torch.save) weights: "
-                "re-save it with peft's save_pretrained(safe_serialization=True)"
-            )
-        raise AdapterNotFoundError(f"{weights_file} does not exist{pickle_note}")
+    config_file, weights_file = _adapter_files(folder)
     config = PeftConfig.from_pretrained(config_file)
-    entries, file_metadata = _read_safetensors(weights_file)
-    state_dict = _to_arrays(entries, path=weights_file, xp=xp, device=device, dtype=dtype)
-    return LoadedAdapter(config, state_dict, folder, file_metadata)
+    weights = st.SafetensorsFile.open(weights_file, codes=st.NUMERIC_CODES)
+    state_dict = _to_arrays(weights.read_all(), path=weights_file, xp=xp, device=device, dtype=dtype)
+    return LoadedAdapter(config, state_dict, folder, weights.metadata)
 
 
 def save_state_dict(
@@ -186,21 +153,13 @@ def load_state_dict(
     path: str | os.PathLike, /, *, xp: Namespace | None = None, device: Any = None, dtype: Any = None
 ) -> dict[str, Array]:
     """Read one safetensors file into ``{key: array}`` of namespace ``xp`` (NumPy by default), keys sorted."""
-    path = Path(path)
-    if not path.is_file():
-        raise AdapterNotFoundError(f"safetensors file {path} does not exist")
-    entries, _ = _read_safetensors(path)
-    return _to_arrays(entries, path=path, xp=xp, device=device, dtype=dtype)
+    weights = st.SafetensorsFile.open(path, codes=st.NUMERIC_CODES)
+    return _to_arrays(weights.read_all(), path=weights.path, xp=xp, device=device, dtype=dtype)
 
 
 def read_metadata(path: str | os.PathLike, /) -> dict[str, str]:
     """The ``__metadata__`` string map of a safetensors file (``{}`` when it has none)."""
-    path = Path(path)
-    if not path.is_file():
-        raise AdapterNotFoundError(f"safetensors file {path} does not exist")
-    with open(path, "rb") as f:
-        _, metadata, _ = _read_header(f, path=path, size=os.fstat(f.fileno()).st_size)
-    return metadata
+    return st.read_metadata(path)
 
 
 def adapter_folder(directory: str | os.PathLike, adapter_name: str) -> Path:
@@ -210,6 +169,23 @@ def adapter_folder(directory: str | os.PathLike, adapter_name: str) -> Path:
     if adapter_name in (".", "..") or "/" in adapter_name or "\\" in adapter_name:
         raise AdapterFileError(f"adapter_name {adapter_name!r} cannot be used as a folder name")
     return Path(directory) / adapter_subfolder(adapter_name)
+
+
+def _adapter_files(folder: Path) -> tuple[Path, Path]:
+    """``folder``'s config and safetensors weight files, which must both exist (pickled weights are refused)."""
+    config_file = folder / CONFIG_NAME
+    if not config_file.is_file():
+        raise AdapterNotFoundError(f"{config_file} does not exist; {folder} holds no peft adapter")
+    weights_file = folder / SAFETENSORS_WEIGHTS_NAME
+    if not weights_file.is_file():
+        pickle_note = ""
+        if (folder / WEIGHTS_NAME).is_file():
+            pickle_note = (
+                f"; {folder / WEIGHTS_NAME} exists, but peftcore does not read pickled (torch.save) weights: "
+                "re-save it with peft's save_pretrained(safe_serialization=True)"
+            )
+        raise AdapterNotFoundError(f"{weights_file} does not exist{pickle_note}")
+    return config_file, weights_file
 
 
 # -- arrays <-> bytes ---------------------------------------------------------------------------
@@ -245,47 +221,24 @@ def _storage(key: str, value: Any) -> tuple[str, np.ndarray]:
         )
     if name == "bfloat16":
         # bfloat16 -> float32 is exact (16 zero bits appended), so the upper half is the original pattern
-        wide = _host_copy(xp.astype(value, xp.float32), xp=xp)
-        host = (np.ascontiguousarray(wide, dtype="<f4").view("<u4") >> 16).astype("<u2")
+        host = st.bfloat16_bits_of_widened(_host_copy(xp.astype(value, xp.float32), xp=xp))
     else:
         host = _host_copy(value, xp=xp)
     # a fresh contiguous copy: no aliasing between entries, no strides, our own byte order
-    return code, np.array(host, dtype=_STORAGE_OF_CODE[code], order="C", copy=True)
+    return code, np.array(host, dtype=st.STORAGE[code], order="C", copy=True)
 
 
 def _prepare_safetensors(
     state_dict: Mapping[str, Array], *, metadata: Mapping[str, str] | None
 ) -> tuple[bytes, list[np.ndarray]]:
-    """Header bytes (length prefix included) and data chunks, in safetensors' own layout."""
+    """Header bytes (length prefix included) and data chunks of ``state_dict``, as ``peft`` saves them."""
     if not isinstance(state_dict, Mapping):
         raise AdapterFileError(f"state_dict must be a mapping of str to arrays, got {type(state_dict).__name__}")
     stored: dict[str, tuple[str, np.ndarray]] = {}
     for key, value in state_dict.items():
-        if not isinstance(key, str) or not key:
-            raise AdapterFileError(f"state dict keys must be non-empty strings, got {key!r}")
-        if key == "__metadata__":
-            raise AdapterFileError("state dict key '__metadata__' is reserved by the safetensors format")
+        st.check_key(key)  # before converting the value: a bad key is the first thing to name
         stored[key] = _storage(key, value)
-    header: dict[str, Any] = {}
-    merged = {**_DEFAULT_METADATA, **dict(metadata or {})}
-    for k, v in merged.items():
-        if not isinstance(k, str) or not isinstance(v, str):
-            raise AdapterFileError(f"safetensors metadata maps str to str; bad entry {k!r}: {v!r}")
-    header["__metadata__"] = merged
-    order = sorted(stored, key=lambda k: (-_LAYOUT_RANK[stored[k][0]], k))
-    offset = 0
-    chunks = []
-    for key in order:
-        code, data = stored[key]
-        header[key] = {"dtype": code, "shape": list(data.shape), "data_offsets": [offset, offset + data.nbytes]}
-        offset += data.nbytes
-        chunks.append(data)
-    try:
-        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise AdapterFileError(f"state dict key or metadata is not valid UTF-8 text: {exc}") from None
-    text += b" " * (-len(text) % 8)  # safetensors pads the header so the data starts 8-byte aligned
-    return len(text).to_bytes(8, "little") + text, chunks
+    return st.encode(stored, metadata={**_DEFAULT_METADATA, **dict(metadata or {})})
 
 
 def _to_arrays(
@@ -302,7 +255,7 @@ def _to_arrays(
 def _to_namespace(
     code: str, storage: np.ndarray, *, key: str, path: Path, xp: Namespace, device: Any, cast_to: Any
 ) -> Array:
-    name = _NAME_OF_CODE[code]
+    name = st.DTYPE_NAMES[code]
     is_float = name in _FLOAT_NAMES
     native = getattr(xp, name, None)  # float16/bfloat16 are outside the standard: not every namespace has them
     if native is None and not (is_float and cast_to is not None):
@@ -312,7 +265,7 @@ def _to_namespace(
         )
     host = storage
     if code == "BF16":
-        host = (storage.astype(np.uint32) << 16).view(np.float32)  # exact: bfloat16 is float32's upper half
+        host = st.bfloat16_to_float32(storage)
     elif native is None:
         host = storage.astype(np.float32)  # exact for float16
     array = xp.asarray(host, device=device)
@@ -333,104 +286,12 @@ def _resolve_float_dtype(dtype: Any, *, xp: Namespace) -> Any:
     return dtype
 
 
-# -- safetensors reading ------------------------------------------------------------------------
-
-
-def _read_header(f: Any, *, path: Path, size: int) -> tuple[dict[str, Any], dict[str, str], int]:
-    """(tensor entries, metadata, byte offset of the data section) after validating the header."""
-    prefix = f.read(8)
-    if len(prefix) < 8:
-        raise AdapterFileError(f"{path}: truncated safetensors file ({size} bytes; the header length alone needs 8)")
-    length = int.from_bytes(prefix, "little")
-    if length > _MAX_HEADER_BYTES or 8 + length > size:
-        raise AdapterFileError(
-            f"{path}: corrupt or truncated safetensors file: header length {length} goes beyond the file "
-            f"({size} bytes)"
-        )
-    raw = f.read(length)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdapterFileError(f"{path}: corrupt safetensors header (not JSON: {exc})") from None
-    if not isinstance(header, dict):
-        raise AdapterFileError(f"{path}: corrupt safetensors header (a JSON {type(header).__name__}, not an object)")
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise AdapterFileError(f"{path}: safetensors __metadata__ must map strings to strings, got {metadata!r}")
-    return header, metadata, 8 + length
-
-
-def _check_entry(key: str, entry: Any, *, path: Path, data_size: int) -> tuple[str, tuple[int, ...], int, int]:
-    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
-        raise AdapterFileError(f"{path}: header entry {key!r} needs dtype, shape and data_offsets, got {entry!r}")
-    code, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if code not in _STORAGE_OF_CODE:
-        raise AdapterFileError(
-            f"{path}: tensor {key!r} has dtype {code!r}, which peftcore does not read "
-            f"(supported: {', '.join(_STORAGE_OF_CODE)})"
-        )
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-        raise AdapterFileError(f"{path}: tensor {key!r} has an invalid shape {shape!r}")
-    if (
-        not isinstance(offsets, list)
-        or len(offsets) != 2
-        or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
-    ):
-        raise AdapterFileError(f"{path}: tensor {key!r} has invalid data_offsets {offsets!r}")
-    begin, end = offsets
-    if not 0 <= begin <= end <= data_size:
-        raise AdapterFileError(
-            f"{path}: data_offsets {offsets} of tensor {key!r} are out of range: the data section holds "
-            f"{data_size} bytes (truncated file?)"
-        )
-    expected = math.prod(shape) * _STORAGE_OF_CODE[code].itemsize
-    if end - begin != expected:
-        raise AdapterFileError(
-            f"{path}: tensor {key!r} ({code}, shape {shape}) needs {expected} bytes, "
-            f"its data_offsets span {end - begin}"
-        )
-    return code, tuple(shape), begin, end
-
-
-def _read_safetensors(path: Path) -> tuple[dict[str, tuple[str, np.ndarray]], dict[str, str]]:
-    """``{key: (code, native-order NumPy storage)}`` in sorted key order, and the metadata."""
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        header, metadata, data_start = _read_header(f, path=path, size=size)
-        data_size = size - data_start
-        spans = {key: _check_entry(key, entry, path=path, data_size=data_size) for key, entry in header.items()}
-        previous_end, previous_key = 0, None
-        for key, (_, _, begin, end) in sorted(spans.items(), key=lambda item: (item[1][2], item[1][3])):
-            if begin < previous_end:
-                raise AdapterFileError(f"{path}: tensors {previous_key!r} and {key!r} overlap in the data section")
-            previous_end, previous_key = end, key
-        entries = {}
-        for key in sorted(spans):
-            code, shape, begin, end = spans[key]
-            buffer = bytearray(end - begin)
-            f.seek(data_start + begin)
-            if f.readinto(buffer) != len(buffer):
-                raise AdapterFileError(f"{path}: tensor {key!r} is cut short (file truncated while reading?)")
-            storage = np.frombuffer(buffer, dtype=_STORAGE_OF_CODE[code]).reshape(shape)
-            entries[key] = (code, storage.astype(storage.dtype.newbyteorder("="), copy=False))
-    return entries, metadata
-
-
 # -- atomic writes ------------------------------------------------------------------------------
 
 
 def _write_file(path: Path, data: bytes) -> None:
     with open(path, "wb") as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _write_safetensors(path: Path, header: bytes, chunks: list[np.ndarray]) -> None:
-    with open(path, "wb") as f:
-        f.write(header)
-        for chunk in chunks:
-            f.write(memoryview(chunk).cast("B") if chunk.size else b"")
         f.flush()
         os.fsync(f.fileno())
 

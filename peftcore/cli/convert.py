@@ -17,7 +17,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from peftcore.cli._common import SafetensorsFile, open_adapter, peft_type_name, to_json, write_safetensors
+from peftcore import _safetensors as st
+from peftcore.cli._common import open_adapter, peft_type_name, to_json
 from peftcore.cli.merge import _publish, _staging
 from peftcore.config import PeftConfig
 from peftcore.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
@@ -118,7 +119,7 @@ def peft_to_mlx(src: str | Path, staging: Path) -> dict[str, Any]:
         "lora_parameters": {"rank": rank, "scale": scale, "dropout": float(config.lora_dropout),
                             "keys": sorted(next(iter(keys)))},
     }
-    write_safetensors(staging / MLX_WEIGHTS, tensors, metadata={"format": "mlx"})
+    st.write(staging / MLX_WEIGHTS, tensors, metadata={"format": "mlx"})
     (staging / MLX_CONFIG).write_text(json.dumps(mlx_config, indent=4), encoding="utf-8")
     return {"format": "mlx", "rank": rank, "scale": scale, "num_layers": mlx_config["num_layers"],
             "keys": mlx_config["lora_parameters"]["keys"], "tensors": len(tensors),
@@ -139,7 +140,7 @@ def mlx_to_peft(src: str | Path, staging: Path) -> dict[str, Any]:
     kind = mlx_config.get("fine_tune_type", "lora")
     if kind != "lora":
         raise AdapterFileError(f"cannot convert {folder}: fine_tune_type {kind!r}; only 'lora' converts to peft")
-    weights = SafetensorsFile.open(folder / MLX_WEIGHTS)
+    weights = st.SafetensorsFile.open(folder / MLX_WEIGHTS)
     modules: dict[str, dict[str, str]] = {}
     for key in weights.tensors:
         module, _, name = key.rpartition(".")
@@ -165,7 +166,7 @@ def mlx_to_peft(src: str | Path, staging: Path) -> dict[str, Any]:
         "lora_dropout": float(params.get("dropout", 0.0)), "target_modules": sorted(modules),
         "base_model_name_or_path": mlx_config.get("model"),
     })
-    write_safetensors(staging / SAFETENSORS_WEIGHTS_NAME, tensors, metadata={"format": "pt"})
+    st.write(staging / SAFETENSORS_WEIGHTS_NAME, tensors, metadata={"format": "pt"})
     (staging / CONFIG_NAME).write_text(config.to_json_string(inference_mode=True), encoding="utf-8")
     scaling = lora_scaling(r, alpha, use_rslora=use_rslora)
     return {"format": "peft", "r": r, "lora_alpha": alpha, "use_rslora": use_rslora, "scaling": scaling,

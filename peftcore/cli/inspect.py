@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from peftcore.cli._common import DTYPE_NAMES, AdapterLayout, open_adapter, peft_type_name, task_type_name, to_json
+from peftcore._safetensors import DTYPE_NAMES
+from peftcore.cli._common import AdapterLayout, open_adapter, peft_type_name, task_type_name, to_json
 from peftcore.errors import PeftcoreError
 from peftcore.matching import check_target_module_exists, is_all_linear, resolve_rank_alpha
 from peftcore.methods.lora.ops import scaling as lora_scaling

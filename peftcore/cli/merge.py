@@ -24,18 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from peftcore.cli._common import (
-    DTYPE_NAMES,
-    FLOAT_CODES,
-    AdapterLayout,
-    SafetensorsFile,
-    open_adapter,
-    peft_type_name,
-    strip_prefix,
-    to_float32,
-    to_json,
-    to_storage,
-)
+from peftcore._safetensors import DTYPE_NAMES, FLOAT_CODES, SafetensorsFile, tensor_bytes, to_float32, to_storage
+from peftcore.cli._common import AdapterLayout, open_adapter, peft_type_name, strip_prefix, to_json
 from peftcore.errors import AdapterFileError, AdapterNotFoundError, IncompatibleKeysError, MergeError
 from peftcore.matching import resolve_rank_alpha
 from peftcore.methods.lora import dora, ops
@@ -334,7 +324,7 @@ def _write_shard(shard: SafetensorsFile, destination: Path, updates: dict[str, U
             if data.nbytes != info.end - info.begin:
                 raise MergeError(f"merged {key!r} has {data.nbytes} bytes, its slot {info.end - info.begin}")
             f.seek(shard.data_start + info.begin)
-            f.write(memoryview(data).cast("B") if data.size else b"")
+            f.write(tensor_bytes(data))
             progress.advance(info.end - info.begin)
         f.flush()
         os.fsync(f.fileno())

@@ -13,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from peftcore.cli._common import DTYPE_NAMES, open_adapter, peft_type_name, to_json
+from peftcore._safetensors import DTYPE_NAMES
+from peftcore.cli._common import open_adapter, peft_type_name, to_json
 from peftcore.errors import ConfigError, MergeError
 from peftcore.matching import resolve_rank_alpha
 from peftcore.methods.lora import ops

@@ -15,11 +15,13 @@ from peftcore.mapping import (
     get_prefix,
     register_method,
 )
+from peftcore.methods.adalora import AdaLoraConfig
 from peftcore.methods.lora import LoraConfig
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaLoraConfig",
     "PEFT_FORMAT_VERSION",
     "PEFT_TYPE_TO_CONFIG_MAPPING",
     "LoadedAdapter",

@@ -22,6 +22,7 @@ from safetensors.numpy import save_file
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from tests.reference import adalora as aref  # noqa: E402
 from tests.reference import dora as dref  # noqa: E402
 from tests.reference import lora as lref  # noqa: E402
 
@@ -218,11 +219,43 @@ def dora_cases(rng: np.random.Generator) -> Collector:
     return c
 
 
+def adalora_cases(rng: np.random.Generator) -> Collector:
+    c = Collector("adalora")
+    n = rng.standard_normal
+    spec = "adalora.md"
+    # ranknum = init_r = 6, lora_alpha = 8; E has pruned (zero) entries as after masking
+    s = aref.scaling(6, 8)
+    for fan_in_fan_out in (False, True):
+        a, e, b = n((6, 5)), n((6, 1)), n((7, 6))
+        e[[1, 4]] = 0.0
+        c.add(f"delta_weight/fan_in_fan_out_{str(fan_in_fan_out).lower()}", "adalora.delta_weight", spec,
+              {"lora_A": a, "lora_E": e, "lora_B": b}, {"scaling": s, "fan_in_fan_out": fan_in_fan_out},
+              {"delta": aref.delta(a, e, b, s, fan_in_fan_out=fan_in_fan_out)},
+              description="s·B (A ⊙ E), s = lora_alpha / (init_r + 1e-5)")
+    x, weight, bias = n((2, 3, 5)), n((7, 5)), n(7)
+    a, e, b = n((6, 5)), n((6, 1)), n((7, 6))
+    e[[0, 3]] = 0.0
+    result = lref.linear_dense(x, weight, bias)
+    c.add("linear_forward/pruned", "adalora.linear_forward", spec,
+          {"result": result, "x": x, "lora_A": a, "lora_E": e, "lora_B": b}, {"scaling": s},
+          {"output": result + aref.linear_update(x, a, e, b, s)}, description="Linear(5->7), init_r=6, 2 pruned")
+    x = n((1, 3, 6, 5))
+    a, e, b = n((6, 3 * 3 * 3)), n((6, 1)), n((4, 6))
+    weight_shape = (4, 3, 3, 3)
+    result = lref.conv(x, n(weight_shape), padding=1)
+    c.add("conv_forward/conv2d", "adalora.conv_forward", spec,
+          {"result": result, "x": x, "lora_A": a, "lora_E": e, "lora_B": b},
+          {"scaling": s, "weight_shape": list(weight_shape), "stride": 1, "padding": 1},
+          {"output": result + aref.conv_update(x, a, e, b, s, weight_shape=weight_shape, padding=1)},
+          description="Conv2d(3->4, 3x3, padding 1): A is (r, in·kh·kw)")
+    return c
+
+
 def main() -> None:
     rng = np.random.default_rng(SEED)
     VECTORS.mkdir(parents=True, exist_ok=True)
     cases = []
-    for collector in (lora_cases(rng), dora_cases(rng)):
+    for collector in (lora_cases(rng), dora_cases(rng), adalora_cases(rng)):
         save_file(collector.tensors, str(VECTORS / f"{collector.method}.safetensors"), metadata={"seed": str(SEED)})
         cases.extend(collector.cases)
     manifest = {

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from peftcore.methods.adalora import ops as adalora_ops
 from peftcore.methods.lora import dora, ops
 from peftcore.testing import assert_close
 
@@ -40,6 +41,9 @@ OPERATIONS = {
     "dora.conv_forward": dora.conv_forward,
     "dora.conv_merge": dora.conv_merge,
     "dora.conv_unmerge": dora.conv_unmerge,
+    "adalora.delta_weight": adalora_ops.delta_weight,
+    "adalora.linear_forward": adalora_ops.linear_forward,
+    "adalora.conv_forward": adalora_ops.conv_forward,
 }
 
 

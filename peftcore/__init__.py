@@ -16,12 +16,14 @@ from peftcore.mapping import (
     register_method,
 )
 from peftcore.methods.adalora import AdaLoraConfig
+from peftcore.methods.ia3 import IA3Config
 from peftcore.methods.lora import LoraConfig
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AdaLoraConfig",
+    "IA3Config",
     "PEFT_FORMAT_VERSION",
     "PEFT_TYPE_TO_CONFIG_MAPPING",
     "LoadedAdapter",

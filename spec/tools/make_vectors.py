@@ -24,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from tests.reference import adalora as aref  # noqa: E402
 from tests.reference import dora as dref  # noqa: E402
+from tests.reference import ia3 as iref  # noqa: E402
 from tests.reference import lora as lref  # noqa: E402
 
 VECTORS = ROOT / "spec" / "vectors"
@@ -251,11 +252,31 @@ def adalora_cases(rng: np.random.Generator) -> Collector:
     return c
 
 
+def ia3_cases(rng: np.random.Generator) -> Collector:
+    c = Collector("ia3")
+    n = rng.standard_normal
+    spec = "ia3.md"
+    x, weight, bias = n((2, 3, 5)), n((6, 5)), n(6)
+    l_out = n((6, 1))
+    result = iref.linear(x, weight, bias)
+    c.add("scale_output/linear", "ia3.scale_output", spec, {"result": result, "ia3_l": l_out}, {},
+          {"output": iref.scale_channels(result, l_out[:, 0], -1)}, description="non-feed-forward: (x Wᵀ + b) ⊙ l")
+    l_in = n((1, 5))
+    c.add("scale_input/linear", "ia3.scale_input", spec, {"x": x, "ia3_l": l_in}, {},
+          {"output": iref.scale_channels(x, l_in[0], -1)}, description="feed-forward: x ⊙ l, then the base layer")
+    for feedforward, vec in ((False, l_out), (True, l_in)):
+        c.add(f"merge_weight/linear_feedforward_{str(feedforward).lower()}", "ia3.merge_weight", spec,
+              {"weight": weight, "ia3_l": vec}, {"feedforward": feedforward},
+              {"merged": iref.merged_linear_weight(weight, vec.reshape(-1), feedforward=feedforward)},
+              description="rows scaled (non-feed-forward) or columns scaled (feed-forward)")
+    return c
+
+
 def main() -> None:
     rng = np.random.default_rng(SEED)
     VECTORS.mkdir(parents=True, exist_ok=True)
     cases = []
-    for collector in (lora_cases(rng), dora_cases(rng), adalora_cases(rng)):
+    for collector in (lora_cases(rng), dora_cases(rng), adalora_cases(rng), ia3_cases(rng)):
         save_file(collector.tensors, str(VECTORS / f"{collector.method}.safetensors"), metadata={"seed": str(SEED)})
         cases.extend(collector.cases)
     manifest = {

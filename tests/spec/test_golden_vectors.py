@@ -15,6 +15,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from peftcore.methods.adalora import ops as adalora_ops
+from peftcore.methods.ia3 import ops as ia3_ops
 from peftcore.methods.lora import dora, ops
 from peftcore.testing import assert_close
 
@@ -44,6 +45,9 @@ OPERATIONS = {
     "adalora.delta_weight": adalora_ops.delta_weight,
     "adalora.linear_forward": adalora_ops.linear_forward,
     "adalora.conv_forward": adalora_ops.conv_forward,
+    "ia3.scale_output": ia3_ops.scale_output,
+    "ia3.scale_input": ia3_ops.scale_input,
+    "ia3.merge_weight": ia3_ops.merge_weight,
 }
 
 

@@ -9,6 +9,8 @@ from peftcore._safetensors import DTYPE_NAMES
 from peftcore.cli._common import AdapterLayout, open_adapter, peft_type_name, task_type_name, to_json
 from peftcore.errors import PeftcoreError
 from peftcore.matching import check_target_module_exists, is_all_linear, resolve_rank_alpha
+from peftcore.methods.adalora.ops import kept_ranks
+from peftcore.methods.adalora.ops import scaling as adalora_scaling
 from peftcore.methods.lora.ops import scaling as lora_scaling
 
 HELP = "describe an adapter: method, targets, rank/alpha per module, parameter counts, dtypes, anomalies"
@@ -28,16 +30,37 @@ def _kind(parts: dict[str, str]) -> str:
     return "linear/conv"
 
 
+def _adalora_rank(config: Any, module: str, tensors: dict[str, Any], report: dict[str, Any],
+                  anomalies: list[str]) -> None:
+    """Kept rank = rows of the pruned ``lora_A``; ``s = α / (init_r + 1e-5)`` (peft keeps ``ranknum = init_r``)."""
+    shape = tensors["lora_A"].shape if "lora_A" in tensors else ()
+    report.update(init_r=config.init_r, lora_alpha=float(config.lora_alpha))
+    try:
+        expected = kept_ranks(getattr(config, "rank_pattern", None) or {}).get(module, config.init_r)
+        report["r"] = shape[0] if shape else expected
+        report["scaling"] = adalora_scaling(config.init_r, config.lora_alpha, r=report["r"])
+    except PeftcoreError as exc:
+        anomalies.append(f"module {module!r}: {exc}")
+        return
+    if report["r"] != expected:
+        anomalies.append(
+            f"module {module!r}: lora_A has rank {report['r']} but the config (init_r, rank_pattern) keeps {expected}"
+        )
+
+
 def _module_report(layout: AdapterLayout, module: str, parts: dict[str, str], anomalies: list[str]) -> dict[str, Any]:
     config = layout.config
     tensors = {name: layout.weights.tensors[key] for name, key in parts.items()}
     report: dict[str, Any] = {"module": module, "kind": _kind(parts)}
-    a_name = "lora_embedding_A" if "lora_embedding_A" in parts else "lora_A.weight"
-    b_name = "lora_embedding_B" if "lora_embedding_B" in parts else "lora_B.weight"
-    for needed in (a_name, b_name):
+    adalora = peft_type_name(config) == "ADALORA"
+    a_name = "lora_embedding_A" if "lora_embedding_A" in parts else "lora_A" if adalora else "lora_A.weight"
+    b_name = "lora_embedding_B" if "lora_embedding_B" in parts else "lora_B" if adalora else "lora_B.weight"
+    for needed in (a_name, "lora_E", b_name) if adalora else (a_name, b_name):
         if needed not in tensors:
             anomalies.append(f"module {module!r} has no {needed} tensor")
-    if hasattr(config, "r"):
+    if adalora:
+        _adalora_rank(config, module, tensors, report, anomalies)
+    elif hasattr(config, "r"):
         r, alpha = resolve_rank_alpha(config, module)
         use_rslora = bool(getattr(config, "use_rslora", False))
         report.update(r=r, lora_alpha=alpha)
@@ -57,6 +80,9 @@ def _module_report(layout: AdapterLayout, module: str, parts: dict[str, str], an
         a_shape, b_shape = tensors[a_name].shape, tensors[b_name].shape
         if report["kind"] == "embedding":
             report["in_features"], report["out_features"] = a_shape[1], b_shape[0]
+        elif adalora:
+            # a Conv2d's lora_A is (r, in·kh·kw): the adapter alone cannot tell it from a Linear
+            report["in_features"], report["out_features"] = a_shape[-1], b_shape[0]
         elif len(a_shape) > 2:
             report["kind"] = f"conv{len(a_shape) - 2}d"
             report["in_features"], report["out_features"] = a_shape[1], b_shape[0]
@@ -97,6 +123,8 @@ def describe(adapter_dir: str) -> dict[str, Any]:
         "target_modules": sorted(targets) if isinstance(targets, (set, list, tuple, frozenset)) else targets,
         "r": getattr(config, "r", None),
         "lora_alpha": getattr(config, "lora_alpha", None),
+        "init_r": getattr(config, "init_r", None),
+        "target_r": getattr(config, "target_r", None),
         "use_rslora": getattr(config, "use_rslora", None),
         "use_dora": getattr(config, "use_dora", None),
         "rank_pattern": getattr(config, "rank_pattern", None) or {},
@@ -126,7 +154,8 @@ def format_text(info: dict[str, Any]) -> str:
         f"task type     {info['task_type']}",
         f"base model    {info['base_model']}",
         f"targets       {info['target_modules']}",
-        f"r / alpha     {info['r']} / {info['lora_alpha']}"
+        (f"r / alpha     {info['r']} / {info['lora_alpha']}" if info["init_r"] is None else
+         f"init_r / target_r / alpha  {info['init_r']} / {info['target_r']} / {info['lora_alpha']}")
         + (f"  rank_pattern={info['rank_pattern']}" if info["rank_pattern"] else "")
         + (f"  alpha_pattern={info['alpha_pattern']}" if info["alpha_pattern"] else ""),
         f"dtypes        {', '.join(info['dtypes'])}",

@@ -1,10 +1,11 @@
-"""``peftcore merge``: fold a LoRA/DoRA adapter into a safetensors base checkpoint without a model.
+"""``peftcore merge``: fold a LoRA/DoRA/AdaLoRA adapter into a safetensors base checkpoint, no model needed.
 
 The base is copied file by file, then each adapted tensor is read, merged in float32 (float64 for a
-float64 base) by the core's ``peftcore.methods.lora.ops`` / ``.dora`` functions, narrowed back to its
-stored dtype and written over its own byte span: same header, same sharding, same index. Memory is
-bounded by the largest adapted tensor plus the adapter. Everything is staged in a hidden sibling of
-the output folder, which is renamed into place at the end, so a failure leaves no partial output.
+float64 base) by the core's ``peftcore.methods.lora.ops`` / ``.dora`` / ``peftcore.methods.adalora.ops``
+functions, narrowed back to its stored dtype and written over its own byte span: same header, same
+sharding, same index. Memory is bounded by the largest adapted tensor plus the adapter. Everything is
+staged in a hidden sibling of the output folder, which is renamed into place at the end, so a failure
+leaves no partial output.
 Mirrors ``peft``'s ``merge_and_unload()`` followed by ``save_pretrained``.
 """
 
@@ -28,6 +29,7 @@ from peftcore._safetensors import DTYPE_NAMES, FLOAT_CODES, SafetensorsFile, ten
 from peftcore.cli._common import AdapterLayout, open_adapter, peft_type_name, strip_prefix, to_json
 from peftcore.errors import AdapterFileError, AdapterNotFoundError, IncompatibleKeysError, MergeError
 from peftcore.matching import resolve_rank_alpha
+from peftcore.methods.adalora import ops as adalora_ops
 from peftcore.methods.lora import dora, ops
 
 HELP = "merge an adapter into a safetensors base checkpoint (single file or sharded folder)"
@@ -100,8 +102,10 @@ Update = Callable[[np.ndarray], np.ndarray]  # base tensor (compute dtype) -> me
 def _check_mergeable(layout: AdapterLayout) -> None:
     config = layout.config
     method = peft_type_name(config)
-    if method != "LORA":
-        raise MergeError(f"peftcore merge supports LoRA/DoRA/rsLoRA adapters; {layout.folder} is a {method} adapter")
+    if method not in ("LORA", "ADALORA"):
+        raise MergeError(
+            f"peftcore merge supports LoRA/DoRA/rsLoRA/AdaLoRA adapters; {layout.folder} is a {method} adapter"
+        )
     if getattr(config, "target_parameters", None):
         raise MergeError(f"{layout.folder}: adapters on target_parameters (ParamWrapper) cannot be merged by peftcore")
     if getattr(config, "layer_replication", None):
@@ -128,9 +132,43 @@ def _locate(module: str, param: str, where: dict[str, int]) -> str:
     )
 
 
+def _is_conv1d(weight_shape: tuple[int, ...], in_features: int, out_features: int) -> bool:
+    # peft forces fan_in_fan_out for GPT-2 Conv1D whatever the config says; the stored shape tells
+    return len(weight_shape) == 2 and weight_shape == (in_features, out_features) != (out_features, in_features)
+
+
+def _adalora_updates(layout: AdapterLayout, module: str, parts: dict[str, str], where: dict[str, int],
+                     shapes: dict[str, tuple[int, ...]], *, safe: bool) -> dict[str, Update]:
+    """``W + s·B·(A⊙E)``, ``s = α / (init_r + 1e-5)``, pruned triplets (peft ``SVDLinear``/``SVDConv2d.merge``)."""
+    missing = {"lora_A", "lora_E", "lora_B"} - parts.keys()
+    if missing:
+        raise IncompatibleKeysError(f"adapter module {module!r} lacks {sorted(missing)}; cannot merge it")
+    config = layout.config
+    factors = [layout.weights.read_float64(parts[name]) for name in ("lora_A", "lora_E", "lora_B")]
+    # peft reloads a pruned layer at the kept rank but keeps ranknum = init_r
+    s = adalora_ops.scaling(config.init_r, config.lora_alpha, r=factors[0].shape[0])
+    weight_key = _locate(module, "weight", where)
+    weight_shape = shapes[weight_key]
+    conv = len(weight_shape) > 2
+    fan_in_fan_out = bool(getattr(config, "fan_in_fan_out", False)) or (
+        not conv and _is_conv1d(weight_shape, factors[0].shape[1], factors[2].shape[0]))
+
+    def update(weight):
+        a, e, b = (f.astype(weight.dtype) for f in factors)
+        if conv:
+            delta = adalora_ops.conv_delta_weight(a, e, b, scaling=s, weight_shape=weight_shape)
+        else:
+            delta = adalora_ops.delta_weight(a, e, b, scaling=s, fan_in_fan_out=fan_in_fan_out)
+        return adalora_ops.merge(weight, delta, name=module, safe=safe)
+
+    return {weight_key: update}
+
+
 def _module_updates(layout: AdapterLayout, module: str, parts: dict[str, str], where: dict[str, int],
                     shapes: dict[str, tuple[int, ...]], codes: dict[str, str], *, safe: bool) -> dict[str, Update]:
     config = layout.config
+    if peft_type_name(config) == "ADALORA":
+        return _adalora_updates(layout, module, parts, where, shapes, safe=safe)
     r, alpha = resolve_rank_alpha(config, module)
     s = ops.scaling(r, alpha, use_rslora=bool(getattr(config, "use_rslora", False)))
     adapter = {name: layout.weights.read_float64(key) for name, key in parts.items()}
@@ -165,9 +203,7 @@ def _module_updates(layout: AdapterLayout, module: str, parts: dict[str, str], w
         fan_in_fan_out = bool(getattr(config, "fan_in_fan_out", False))
         if not conv and a_shape and len(weight_shape) == 2 and "lora_B.weight" in parts:
             out_features = layout.weights.tensors[parts["lora_B.weight"]].shape[0]
-            # peft forces fan_in_fan_out for GPT-2 Conv1D whatever the config says; the stored shape tells
-            if weight_shape == (a_shape[1], out_features) != (out_features, a_shape[1]):
-                fan_in_fan_out = True
+            fan_in_fan_out = fan_in_fan_out or _is_conv1d(weight_shape, a_shape[1], out_features)
 
         def update(weight):
             f = factors(weight.dtype)

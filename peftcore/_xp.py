@@ -20,6 +20,7 @@ from array_api_compat import (
 
 __all__ = [
     "Array",
+    "add_matmul",
     "Namespace",
     "array_namespace",
     "compute_dtype",
@@ -38,23 +39,25 @@ Namespace = Any
 _HALF_NAMES = ("float16", "bfloat16")
 
 
-_NAMESPACES: dict[frozenset[type], Namespace] = {}
+_NAMESPACES: dict[tuple[type, ...], Namespace] = {}
 
 
 def array_namespace(*arrays: Array | None) -> Namespace:
     """The standard namespace shared by ``arrays`` (``None`` entries are ignored).
 
-    The namespace depends only on the array types, so it is cached per set of types: the
-    lookup runs on every adapter layer call of an eager model.
+    The namespace depends only on the array types, so it is cached per tuple of argument types
+    (``NoneType`` included: building the key stays one C call): the lookup runs on every adapter
+    layer call of an eager model.
     """
-    key = frozenset(type(a) for a in arrays if a is not None)
+    key = tuple(map(type, arrays))
     try:
         return _NAMESPACES[key]
     except KeyError:
         pass
-    if not key:
+    present = [a for a in arrays if a is not None]
+    if not present:
         raise TypeError("cannot infer an array namespace: no array arguments were given")
-    xp = array_api_compat.array_namespace(*(a for a in arrays if a is not None))
+    xp = array_api_compat.array_namespace(*present)
     _NAMESPACES[key] = xp
     return xp
 
@@ -97,3 +100,38 @@ def stop_gradient(x: Array, *, xp: Namespace) -> Array:
 
         return jax.lax.stop_gradient(x)
     return x
+
+
+def add_matmul(c: Array, a: Array, b: Array, /, *, alpha: float, xp: Namespace, donate_c: bool = False) -> Array:
+    """``c + alpha·(a @ b)``: ``c (..., n)``, ``b (k, n)``, ``a (..., k)`` with ``c``'s leading dims or
+    ``a (m, k)`` with ``m`` their product (tokens already flattened).
+
+    Torch delegation point: with one dtype throughout, a single ``torch.addmm`` on 2-d views (leading
+    dims flattened), so the product is accumulated inside the GEMM instead of in two extra full-size
+    passes (scale, then add). ``c`` is left untouched unless ``donate_c``: the caller hands ``c``'s
+    buffer over (it never reads ``c`` again, as with ``jax.jit``'s ``donate_argnums``) and, where
+    autograd records nothing, torch accumulates into it in place (``addmm_``), saving the copy of
+    ``c`` that an out-of-place ``addmm`` makes (with autograd recording, an in-place write through
+    the 2-d view costs more in backward than the copy). Elsewhere, and for mixed dtypes, the
+    standard expression, ``alpha`` on ``a`` (the thin operand at the LoRA call sites; XLA fuses it
+    under ``jax.jit`` anyway).
+    """
+    shape = c.shape
+    if is_torch_namespace(xp) and c.dtype == a.dtype == b.dtype and b.ndim == 2:
+        import torch  # already imported: c is a torch tensor
+
+        in_place = donate_c and not (torch.is_grad_enabled() and (c.requires_grad or a.requires_grad
+                                                                   or b.requires_grad))
+        if c.ndim == 2 and a.ndim == 2:
+            return c.addmm_(a, b, alpha=alpha) if in_place else torch.addmm(c, a, b, alpha=alpha)
+        flat_c = c.reshape(-1, shape[-1])
+        flat_a = a if a.ndim == 2 else a.reshape(-1, a.shape[-1])
+        if in_place:
+            flat = flat_c.addmm_(flat_a, b, alpha=alpha)
+        else:
+            flat = torch.addmm(flat_c, flat_a, b, alpha=alpha)
+        return flat.view(*shape)  # unpacked: view(Size) parses slower
+    product = (a if alpha == 1 else a * alpha) @ b
+    if product.ndim != c.ndim:
+        product = xp.reshape(product, tuple(shape))
+    return c + product

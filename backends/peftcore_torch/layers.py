@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _module_internals
 
 from peftcore.errors import ConfigError, MergeError, ShapeMismatchError, UnsupportedLayerError
 from peftcore.methods.lora import dora, init, ops
@@ -43,6 +44,8 @@ __all__ = [
 ]
 
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# base layers whose forward returns a fresh tensor (nn.Linear; GPT-2 Conv1D is added when first wrapped)
+_FRESH_OUTPUT_TYPES: set[type] = {nn.Linear}
 _FACTOR_CONTAINERS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
 
 #: The ``adapter_names`` entry that selects the base model for a sample (peft's ``"__base__"``).
@@ -175,6 +178,8 @@ class LoraLayer(nn.Module):
         self._dora_norms: dict[str, torch.Tensor] = {}
         self._active_adapters: list[str] = []
         self._disable_adapters = False
+        if kind == "conv1d_gpt2" and type(base_layer).__module__ == "transformers.pytorch_utils":
+            _FRESH_OUTPUT_TYPES.add(type(base_layer))
         if kind in ("linear", "conv1d_gpt2"):
             weight = base_layer.weight
             self.in_features, self.out_features = weight.shape[::-1] if kind == "linear" else weight.shape
@@ -268,9 +273,13 @@ class LoraLayer(nn.Module):
         self.set_adapter(self._active_adapters)
 
     def _factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(lora_A, lora_B, lora_B bias)`` of ``adapter_name`` (read once per forward: lookups cost)."""
+        # the containers are always submodules: _modules skips nn.Module.__getattr__'s fallback chain
+        modules = self._modules
         if self.kind == "embedding":
-            return self.lora_embedding_A[adapter_name], self.lora_embedding_B[adapter_name], None
-        return self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight, self.lora_B[adapter_name].bias
+            return modules["lora_embedding_A"][adapter_name], modules["lora_embedding_B"][adapter_name], None
+        lora_B = modules["lora_B"][adapter_name]
+        return modules["lora_A"][adapter_name].weight, lora_B.weight, lora_B.bias
 
     def set_factors(self, adapter_name: str, lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
         """Overwrite ``adapter_name``'s factors in place (cast to the parameters' dtype and device)."""
@@ -348,14 +357,33 @@ class LoraLayer(nn.Module):
         if adapter_names is not None:
             return self._mixed_batch_forward(x, adapter_names, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
-        active = [name for name in self._active_adapters if name in self.r]
-        if self.merged or not active:
+        if self.merged_adapters:
             return result
         # peft adds each update to the promoted running result and casts back once, at the end
-        running = result
-        for adapter_name in active:
-            running = self._add_branch(running, x, adapter_name)
-        return running.to(result.dtype)
+        running, private = result, self._base_output_is_private()
+        for adapter_name in self._active_adapters:
+            if adapter_name in self.r:
+                running = self._add_branch(running, x, adapter_name, private=private)
+                private = private or running is not result  # the core returns new arrays: ours to reuse
+        return running if running.dtype == result.dtype else running.to(result.dtype)
+
+    def _base_output_is_private(self) -> bool:
+        """True when ``base_layer(x)`` surely returned a fresh tensor that nothing else holds.
+
+        Then the LoRA update may be accumulated into it in place (``donate_result``), which saves a
+        full copy of the output: a plain ``nn.Linear``/GPT-2 ``Conv1D`` without an instance-level
+        ``forward`` and without module hooks (a forward hook may keep the output; a backward hook
+        wraps it), exactly the case where ``nn.Module.__call__`` calls ``forward`` directly.
+        """
+        base = self._modules["base_layer"]
+        return (
+            type(base) in _FRESH_OUTPUT_TYPES
+            and "forward" not in base.__dict__
+            and not (base._forward_hooks or base._forward_pre_hooks or base._backward_hooks
+                     or base._backward_pre_hooks or _module_internals._global_forward_hooks
+                     or _module_internals._global_forward_pre_hooks or _module_internals._global_backward_hooks
+                     or _module_internals._global_backward_pre_hooks)
+        )
 
     def _check_mixed_batch(self, x: torch.Tensor, adapter_names: Sequence[str]) -> None:
         """peft's ``_check_forward_args``: one name per sample, nothing merged, no DoRA adapter named."""
@@ -381,32 +409,51 @@ class LoraLayer(nn.Module):
             if adapter_name == BASE_ADAPTER_NAME or adapter_name not in self.r:
                 continue
             index = torch.tensor(rows, device=x.device)
-            update = self._lora_update(x.index_select(0, index), adapter_name)
+            update = self._lora_update(x.index_select(0, index), adapter_name, self._factors(adapter_name))
             if self.kind != "embedding":
                 update = update.to(result.dtype)
             result = result.index_copy(0, index, ops.accumulate(result.index_select(0, index), update))
         return result
 
-    def _lora_update(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+    def _lora_update(self, x: torch.Tensor, adapter_name: str,
+                     factors: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
         """The plain LoRA branch of ``adapter_name`` on ``x`` (dropout included, ``x`` cast to the adapter dtype)."""
-        lora_A, lora_B, lora_B_bias = self._factors(adapter_name)
+        lora_A, lora_B, lora_B_bias = factors
         scaling = self.scaling[adapter_name]
         base = self.base_layer
         if self.kind == "embedding":
             return ops.embedding_update(x, lora_A, lora_B, scaling=scaling, max_norm=base.max_norm,
                                         norm_type=base.norm_type, embed_scale=self._embed_scale(),
                                         padding_idx=base.padding_idx)
-        x = self.lora_dropout[adapter_name](x.to(lora_A.dtype))
+        x = self._dropped_out(x, adapter_name, lora_A.dtype)
         if self.kind == "conv":
             return ops.conv_update(x, lora_A, lora_B, lora_B_bias, scaling=scaling, stride=base.stride,
                                    padding=base.padding, groups=base.groups)
         return ops.linear_update(x, lora_A, lora_B, lora_B_bias, scaling=scaling)
 
-    def _add_branch(self, running: torch.Tensor, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        lora_A, lora_B, lora_B_bias = self._factors(adapter_name)
-        running = running.to(torch.promote_types(running.dtype, lora_A.dtype))
+    def _dropped_out(self, x: torch.Tensor, adapter_name: str, dtype: torch.dtype) -> torch.Tensor:
+        """``lora_dropout(x)`` on ``x`` cast to the adapter ``dtype`` (peft casts first)."""
+        if x.dtype != dtype:
+            x = x.to(dtype)
+        dropout = self._modules["lora_dropout"][adapter_name]
+        # peft's nn.Identity for lora_dropout=0: a module call costs more than the whole LoRA branch on few tokens
+        return x if type(dropout) is nn.Identity else dropout(x)
+
+    def _add_branch(self, running: torch.Tensor, x: torch.Tensor, adapter_name: str, *,
+                    private: bool = False) -> torch.Tensor:
+        """``running`` plus adapter ``adapter_name``'s branch; ``private``: ``running`` may be overwritten."""
+        factors = self._factors(adapter_name)
+        lora_A, lora_B, lora_B_bias = factors
+        if running.dtype != lora_A.dtype:
+            promoted = torch.promote_types(running.dtype, lora_A.dtype)
+            if promoted != running.dtype:
+                running, private = running.to(promoted), True
         if not self.use_dora[adapter_name]:
-            return ops.accumulate(running, self._lora_update(x, adapter_name))
+            if self.kind == "linear" or self.kind == "conv1d_gpt2":
+                x = self._dropped_out(x, adapter_name, lora_A.dtype)
+                return ops.linear_forward(running, x, lora_A, lora_B, lora_B_bias, scaling=self.scaling[adapter_name],
+                                          donate_result=private)
+            return ops.accumulate(running, self._lora_update(x, adapter_name, factors))
         scaling = self.scaling[adapter_name]
         base = self.base_layer
         if self.kind == "embedding":
@@ -415,7 +462,8 @@ class LoraLayer(nn.Module):
                                           max_norm=base.max_norm, norm_type=base.norm_type,
                                           embed_scale=self._embed_scale(), padding_idx=base.padding_idx)
 
-        x = x.to(lora_A.dtype)
+        if x.dtype != lora_A.dtype:
+            x = x.to(lora_A.dtype)
         dropout = self.lora_dropout[adapter_name]
         conv_options = {}
         if self.kind == "conv":

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from peftcore._xp import add_matmul
 from peftcore.errors import ConfigError, MergeError, ShapeMismatchError, UnsupportedLayerError
 from peftcore.methods.lora import ops
 from peftcore.testing import Backend, assert_close, to_numpy
@@ -129,6 +130,60 @@ def test_linear_update_and_forward_match_reference(xp, call, dtype, case):
     result = as_xp(xp, base, dtype)
     got = call(ops.linear_forward, *[t for t in (result, x, a, b, bias) if t is not None], scaling=s)
     assert_close(got, base + expected_update, xp=xp, dtype=getattr(xp, dtype))
+
+
+@pytest.mark.parametrize("lead", [(), (4,), (2, 3)])
+@pytest.mark.parametrize("donate", [False, True])
+@pytest.mark.parametrize("flat_a", [False, True], ids=["a-like-c", "a-flat"])
+def test_add_matmul_matches_reference_and_keeps_c_unless_donated(xp, call, lead, donate, flat_a):
+    rng = np.random.default_rng(11)
+    c, a, b = rng.normal(size=(*lead, 5)), rng.normal(size=(*lead, 3)), rng.normal(size=(3, 5))
+    c_x = as_xp(xp, c, "float32")
+    a_x = as_xp(xp, a.reshape(-1, 3) if flat_a else a, "float32")  # (tokens, k) against c (..., n)
+    got = call(add_matmul, c_x, a_x, as_xp(xp, b, "float32"), alpha=0.5, xp=xp, donate_c=donate)
+    assert got.dtype == xp.float32 and tuple(got.shape) == (*lead, 5)
+    assert_close(got, c + 0.5 * np.einsum("...k,kn->...n", a, b), xp=xp)
+    if not donate:
+        np.testing.assert_array_equal(to_numpy(c_x), c.astype(np.float32))
+
+
+def test_add_matmul_promotes_mixed_dtypes(xp, call):
+    rng = np.random.default_rng(12)
+    c, a, b = rng.normal(size=(2, 4)), rng.normal(size=(2, 3)), rng.normal(size=(3, 4))
+    a32, b32 = as_xp(xp, a, "float32"), as_xp(xp, b, "float32")
+    got = call(add_matmul, as_xp(xp, c), a32, b32, alpha=2.0, xp=xp, donate_c=True)
+    assert got.dtype == xp.float64
+    # the product is formed in float32 (its own dtype), then added in float64
+    product32 = to_numpy(a32).astype(np.float64) @ to_numpy(b32).astype(np.float64)
+    assert_close(got, c + 2.0 * product32, xp=xp, rtol=1e-6)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_linear_forward_with_donated_result_gives_the_same_values(xp, call, with_bias):
+    rng = np.random.default_rng(13)
+    x, a, b = rng.normal(size=(2, 3, 4)), rng.normal(size=(2, 4)), rng.normal(size=(5, 2))
+    bias = rng.normal(size=(5,)) if with_bias else None
+    result = rng.normal(size=(2, 3, 5))
+    arrays = [t for t in (x, a, b, bias) if t is not None]
+    kept = call(ops.linear_forward, as_xp(xp, result), *(as_xp(xp, t) for t in arrays), scaling=0.5)
+    donated = call(ops.linear_forward, as_xp(xp, result), *(as_xp(xp, t) for t in arrays), scaling=0.5,
+                   donate_result=True)
+    expected = result + ref.linear_update(x, a, b, 0.5, bias)
+    assert_close(kept, expected, xp=xp)
+    assert_close(donated, expected, xp=xp)
+
+
+def test_linear_forward_promotes_result_to_the_adapter_dtype_and_casts_back(xp, call):
+    rng = np.random.default_rng(14)
+    x, a, b, bias = rng.normal(size=(3, 4)), rng.normal(size=(2, 4)), rng.normal(size=(5, 2)), rng.normal(size=5)
+    result = rng.normal(size=(3, 5)).astype(np.float32)
+    result_x = as_xp(xp, result, "float32")
+    got = call(ops.linear_forward, result_x, as_xp(xp, x), as_xp(xp, a), as_xp(xp, b), as_xp(xp, bias), scaling=3.0)
+    assert got.dtype == xp.float32
+    # summed in float64 (the adapter dtype), rounded once to float32
+    exact = (result.astype(np.float64) + ref.linear_update(x, a, b, 3.0, bias)).astype(np.float32)
+    np.testing.assert_allclose(to_numpy(got), exact, rtol=2e-7, atol=1e-6)
+    np.testing.assert_array_equal(to_numpy(result_x), result)
 
 
 @pytest.mark.parametrize("dtype", FLOATS)

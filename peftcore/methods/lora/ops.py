@@ -19,7 +19,7 @@ import math
 from numbers import Real
 
 from peftcore._conv import conv_nd
-from peftcore._xp import Array, Namespace, array_namespace, compute_dtype, stop_gradient
+from peftcore._xp import Array, Namespace, add_matmul, array_namespace, compute_dtype, stop_gradient
 from peftcore.errors import ConfigError, MergeError, ShapeMismatchError, UnsupportedLayerError
 
 __all__ = [
@@ -65,8 +65,11 @@ def accumulate(result: Array, update: Array, /, *updates: Array) -> Array:
                 f"LoRA update of shape {tuple(term.shape)} cannot be added to the base result of shape "
                 f"{tuple(result.shape)}"
             )
-        common = xp.result_type(total.dtype, term.dtype)
-        total = _cast(total, common, xp=xp) + _cast(term, common, xp=xp)
+        # equal dtypes (the common case) skip result_type: this runs on every adapter layer call
+        if term.dtype != total.dtype:
+            common = xp.result_type(total.dtype, term.dtype)
+            total, term = _cast(total, common, xp=xp), _cast(term, common, xp=xp)
+        total = total + term
     return _cast(total, result.dtype, xp=xp)
 
 
@@ -79,28 +82,53 @@ def linear_update(
     """``s·((x·Aᵀ)·Bᵀ + b_B)`` with ``x`` cast to ``A.dtype``: ``(..., in) -> (..., out)``.
 
     peft ``lora.Linear.forward``'s branch ``lora_B(lora_A(dropout(x))) * scaling``; ``x`` is the
-    already dropped-out input. GPT-2 ``Conv1D`` uses the same untransposed factors.
+    already dropped-out input. GPT-2 ``Conv1D`` uses the same untransposed factors. ``s`` multiplies
+    the thin ``(..., r)`` intermediate, not the ``(..., out)`` update (same value, one small pass).
     """
     xp = array_namespace(x, lora_A, lora_B, lora_B_bias)
-    _check_factors(lora_A, lora_B, lora_B_bias, spatial=0)
-    if x.ndim < 1 or x.shape[-1] != lora_A.shape[1]:
-        raise ShapeMismatchError(
-            f"LoRA input x {tuple(x.shape)} must end in in_features={lora_A.shape[1]} to match "
-            f"lora_A {tuple(lora_A.shape)} (r, in)"
-        )
-    x = _cast(x, lora_A.dtype, xp=xp)
-    # operators on 2-D factors (standard ``@`` and ``.T``) skip array-api-compat's wrappers: this is the hot path
-    update = (x @ lora_A.T) @ _cast(lora_B, lora_A.dtype, xp=xp).T
+    hidden, lora_B = _hidden(x, lora_A, lora_B, lora_B_bias, xp=xp)
+    update = (hidden * scaling) @ lora_B.T
     if lora_B_bias is not None:
-        update = update + lora_B_bias
-    return update * scaling
+        update = update + lora_B_bias * scaling
+    return update
 
 
 def linear_forward(
-    result: Array, x: Array, lora_A: Array, lora_B: Array, lora_B_bias: Array | None = None, /, *, scaling: float
+    result: Array,
+    x: Array,
+    lora_A: Array,
+    lora_B: Array,
+    lora_B_bias: Array | None = None,
+    /,
+    *,
+    scaling: float,
+    donate_result: bool = False,
 ) -> Array:
-    """``result + linear_update(x, ...)`` in ``result.dtype`` (peft ``lora.Linear.forward``)."""
-    return accumulate(result, linear_update(x, lora_A, lora_B, lora_B_bias, scaling=scaling))
+    """``result + linear_update(x, ...)`` in ``result.dtype`` (peft ``lora.Linear.forward``).
+
+    ``result (..., out)`` is promoted to the adapter dtype first (peft adds the update with type
+    promotion), so the product ``(x·Aᵀ)·Bᵀ`` is accumulated straight into it
+    (:func:`peftcore._xp.add_matmul`: one ``addmm`` on torch) before the cast back. ``result`` is
+    not modified unless ``donate_result=True``: the caller gives up ``result`` (never reads it again)
+    and torch may accumulate into its buffer in place; other namespaces ignore the flag.
+    """
+    xp = array_namespace(result, x, lora_A, lora_B, lora_B_bias)
+    # tokens on one axis: x·Aᵀ is a plain 2-d product and add_matmul needs no reshape of it
+    hidden, lora_B = _hidden(x, lora_A, lora_B, lora_B_bias, xp=xp, flat=True)
+    expected = (*x.shape[:-1], lora_B.shape[0])
+    if tuple(result.shape) != expected:
+        raise ShapeMismatchError(
+            f"LoRA update of shape {expected} cannot be added to the base result of shape {tuple(result.shape)}"
+        )
+    total = result
+    if result.dtype != lora_A.dtype:
+        total = _cast(result, xp.result_type(result.dtype, lora_A.dtype), xp=xp)
+    if lora_B_bias is not None:
+        total = total + lora_B_bias * scaling
+    # an array made here (by the promotion or the bias) is ours to accumulate into
+    owned = donate_result or total is not result
+    total = add_matmul(total, hidden, lora_B.T, alpha=scaling, xp=xp, donate_c=owned)
+    return _cast(total, result.dtype, xp=xp)
 
 
 def delta_weight(lora_A: Array, lora_B: Array, /, *, scaling: float, fan_in_fan_out: bool = False) -> Array:
@@ -329,6 +357,25 @@ def unmerge_bias(bias: Array, lora_B_bias: Array, /, *, scaling: float) -> Array
 
 def _cast(x: Array, dtype, *, xp: Namespace) -> Array:
     return x if x.dtype == dtype else xp.astype(x, dtype)
+
+
+def _hidden(
+    x: Array, lora_A: Array, lora_B: Array, lora_B_bias: Array | None, *, xp: Namespace, flat: bool = False
+) -> tuple[Array, Array]:
+    """``x·Aᵀ (..., r)`` (``(tokens, r)`` if ``flat``) with ``x`` cast to ``A.dtype``, and ``B`` in ``A.dtype``.
+
+    Shapes are checked first, so errors name ``x``'s own shape.
+    """
+    _check_factors(lora_A, lora_B, lora_B_bias, spatial=0)
+    if x.ndim < 1 or x.shape[-1] != lora_A.shape[1]:
+        raise ShapeMismatchError(
+            f"LoRA input x {tuple(x.shape)} must end in in_features={lora_A.shape[1]} to match "
+            f"lora_A {tuple(lora_A.shape)} (r, in)"
+        )
+    if flat and x.ndim != 2:
+        x = xp.reshape(x, (-1, x.shape[-1]))
+    # operators on 2-D factors (standard ``@`` and ``.T``) skip array-api-compat's wrappers: this is the hot path
+    return _cast(x, lora_A.dtype, xp=xp) @ lora_A.T, _cast(lora_B, lora_A.dtype, xp=xp)
 
 
 def _in_compute_dtype(product, lora_A: Array, lora_B: Array, *, xp: Namespace) -> Array:

@@ -149,7 +149,8 @@ def test_svd_clamp_clips_both_factors_at_the_quantile_of_their_entries(xp, call,
     plain = call(weighted.svd_combination, As, Bs, **options)
     clamped = call(weighted.svd_combination, As, Bs, clamp=q, **options)
     want_A, want_B = ref.clamp(to_numpy(plain.lora_A).astype(np.float64), to_numpy(plain.lora_B).astype(np.float64), q)
-    rtol = 1e-12 if dtype == "float64" else 1e-6
+    # float32: the quantile's interpolation rounds in float32 (seen 6.4e-6 relative); the suite's float32 tolerance
+    rtol = 1e-12 if dtype == "float64" else 2e-5
     assert_close(clamped.lora_A, want_A, xp=xp, rtol=rtol)
     assert_close(clamped.lora_B, want_B, xp=xp, rtol=rtol)
 

@@ -11,6 +11,7 @@ from peftcore.errors import PeftcoreError
 from peftcore.matching import check_target_module_exists, is_all_linear, resolve_rank_alpha
 from peftcore.methods.adalora.ops import kept_ranks
 from peftcore.methods.adalora.ops import scaling as adalora_scaling
+from peftcore.methods.ia3.ops import is_feedforward
 from peftcore.methods.lora.ops import scaling as lora_scaling
 
 HELP = "describe an adapter: method, targets, rank/alpha per module, parameter counts, dtypes, anomalies"
@@ -52,6 +53,9 @@ def _module_report(layout: AdapterLayout, module: str, parts: dict[str, str], an
     config = layout.config
     tensors = {name: layout.weights.tensors[key] for name, key in parts.items()}
     report: dict[str, Any] = {"module": module, "kind": _kind(parts)}
+    if peft_type_name(config) == "IA3":
+        _ia3_report(config, module, tensors, report, anomalies)
+        return _finish_report(config, module, tensors, report, anomalies)
     adalora = peft_type_name(config) == "ADALORA"
     a_name = "lora_embedding_A" if "lora_embedding_A" in parts else "lora_A" if adalora else "lora_A.weight"
     b_name = "lora_embedding_B" if "lora_embedding_B" in parts else "lora_B" if adalora else "lora_B.weight"
@@ -89,6 +93,29 @@ def _module_report(layout: AdapterLayout, module: str, parts: dict[str, str], an
         else:
             report["kind"] = "linear"
             report["in_features"], report["out_features"] = a_shape[-1], b_shape[0]
+    return _finish_report(config, module, tensors, report, anomalies)
+
+
+def _ia3_report(config: Any, module: str, tensors: dict[str, Any], report: dict[str, Any],
+                anomalies: list[str]) -> None:
+    """(IA)³: which side the vector scales and its length (peft: input for feed-forward layers)."""
+    if "ia3_l" not in tensors:
+        anomalies.append(f"module {module!r} has no ia3_l tensor")
+        return
+    shape = tensors["ia3_l"].shape
+    report["kind"] = "conv" if len(shape) > 2 else "linear"
+    try:
+        report["scales"] = "input" if is_feedforward(config, module) else "output"
+    except PeftcoreError as exc:
+        anomalies.append(f"module {module!r}: {exc}")
+        return
+    # input vectors are (1, in, ...); output vectors (out, 1) for linear, (1, out, ...) for conv
+    axis = 0 if report["kind"] == "linear" and report["scales"] == "output" else 1
+    report["in_features" if report["scales"] == "input" else "out_features"] = shape[axis] if shape else None
+
+
+def _finish_report(config: Any, module: str, tensors: dict[str, Any], report: dict[str, Any],
+                   anomalies: list[str]) -> dict[str, Any]:
     report["tensors"] = {name: {"shape": list(t.shape), "dtype": DTYPE_NAMES[t.code]} for name, t in tensors.items()}
     report["parameters"] = sum(t.numel for t in tensors.values())
     targets = getattr(config, "target_modules", None)
@@ -120,13 +147,14 @@ def describe(adapter_dir: str) -> dict[str, Any]:
         "method": peft_type_name(config),
         "task_type": task_type_name(config),
         "base_model": config.base_model_name_or_path,
-        "target_modules": sorted(targets) if isinstance(targets, (set, list, tuple, frozenset)) else targets,
+        "target_modules": _as_list(targets),
         "r": getattr(config, "r", None),
         "lora_alpha": getattr(config, "lora_alpha", None),
         "init_r": getattr(config, "init_r", None),
         "target_r": getattr(config, "target_r", None),
         "use_rslora": getattr(config, "use_rslora", None),
         "use_dora": getattr(config, "use_dora", None),
+        "feedforward_modules": _as_list(getattr(config, "feedforward_modules", None)),
         "rank_pattern": getattr(config, "rank_pattern", None) or {},
         "alpha_pattern": getattr(config, "alpha_pattern", None) or {},
         "modules": modules,
@@ -136,6 +164,10 @@ def describe(adapter_dir: str) -> dict[str, Any]:
         "size_on_disk": size,
         "anomalies": anomalies,
     }
+
+
+def _as_list(names: Any) -> Any:
+    return sorted(names) if isinstance(names, (set, list, tuple, frozenset)) else names
 
 
 def _human_bytes(n: int) -> str:
@@ -154,7 +186,8 @@ def format_text(info: dict[str, Any]) -> str:
         f"task type     {info['task_type']}",
         f"base model    {info['base_model']}",
         f"targets       {info['target_modules']}",
-        (f"r / alpha     {info['r']} / {info['lora_alpha']}" if info["init_r"] is None else
+        (f"feedforward   {info['feedforward_modules']}" if info["method"] == "IA3" else
+         f"r / alpha     {info['r']} / {info['lora_alpha']}" if info["init_r"] is None else
          f"init_r / target_r / alpha  {info['init_r']} / {info['target_r']} / {info['lora_alpha']}")
         + (f"  rank_pattern={info['rank_pattern']}" if info["rank_pattern"] else "")
         + (f"  alpha_pattern={info['alpha_pattern']}" if info["alpha_pattern"] else ""),
@@ -167,7 +200,8 @@ def format_text(info: dict[str, Any]) -> str:
     for m in info["modules"]:
         scale = m.get("scaling")
         rows.append((
-            m["module"], m["kind"] + (" +DoRA" if m.get("dora") else ""), str(m.get("r", "")),
+            m["module"], m["kind"] + (" +DoRA" if m.get("dora") else "")
+            + (f" ({m['scales']} scaling)" if "scales" in m else ""), str(m.get("r", "")),
             f"{m['lora_alpha']:g}" if "lora_alpha" in m else "", f"{scale:g}" if scale is not None else "",
             str(m.get("in_features", "")), str(m.get("out_features", "")), f"{m['parameters']:,}",
         ))

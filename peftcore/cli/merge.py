@@ -1,8 +1,8 @@
-"""``peftcore merge``: fold a LoRA/DoRA/AdaLoRA adapter into a safetensors base checkpoint, no model needed.
+"""``peftcore merge``: fold a LoRA/DoRA/AdaLoRA/(IA)³ adapter into a safetensors base checkpoint, no model needed.
 
 The base is copied file by file, then each adapted tensor is read, merged in float32 (float64 for a
 float64 base) by the core's ``peftcore.methods.lora.ops`` / ``.dora`` / ``peftcore.methods.adalora.ops``
-functions, narrowed back to its stored dtype and written over its own byte span: same header, same
+functions (``peftcore.methods.ia3.ops`` for (IA)³), narrowed back to its stored dtype and written over its own byte span: same header, same
 sharding, same index. Memory is bounded by the largest adapted tensor plus the adapter. Everything is
 staged in a hidden sibling of the output folder, which is renamed into place at the end, so a failure
 leaves no partial output.
@@ -30,6 +30,7 @@ from peftcore.cli._common import AdapterLayout, open_adapter, peft_type_name, st
 from peftcore.errors import AdapterFileError, AdapterNotFoundError, IncompatibleKeysError, MergeError
 from peftcore.matching import resolve_rank_alpha
 from peftcore.methods.adalora import ops as adalora_ops
+from peftcore.methods.ia3 import ops as ia3_ops
 from peftcore.methods.lora import dora, ops
 
 HELP = "merge an adapter into a safetensors base checkpoint (single file or sharded folder)"
@@ -102,9 +103,9 @@ Update = Callable[[np.ndarray], np.ndarray]  # base tensor (compute dtype) -> me
 def _check_mergeable(layout: AdapterLayout) -> None:
     config = layout.config
     method = peft_type_name(config)
-    if method not in ("LORA", "ADALORA"):
+    if method not in ("LORA", "ADALORA", "IA3"):
         raise MergeError(
-            f"peftcore merge supports LoRA/DoRA/rsLoRA/AdaLoRA adapters; {layout.folder} is a {method} adapter"
+            f"peftcore merge supports LoRA/DoRA/rsLoRA/AdaLoRA/IA3 adapters; {layout.folder} is a {method} adapter"
         )
     if getattr(config, "target_parameters", None):
         raise MergeError(f"{layout.folder}: adapters on target_parameters (ParamWrapper) cannot be merged by peftcore")
@@ -118,7 +119,7 @@ def _check_mergeable(layout: AdapterLayout) -> None:
             "path_initial_model_for_weight_conversion)"
         )
     if not layout.modules:
-        raise MergeError(f"{layout.folder}: the adapter holds no LoRA layer to merge")
+        raise MergeError(f"{layout.folder}: the adapter holds no {method} layer to merge")
 
 
 def _locate(module: str, param: str, where: dict[str, int]) -> str:
@@ -164,11 +165,59 @@ def _adalora_updates(layout: AdapterLayout, module: str, parts: dict[str, str], 
     return {weight_key: update}
 
 
+def _ia3_updates(layout: AdapterLayout, module: str, parts: dict[str, str], where: dict[str, int],
+                 shapes: dict[str, tuple[int, ...]], *, safe: bool) -> dict[str, Update]:
+    """``W ⊙ l`` (rows, or columns for feed-forward layers) and ``b ⊙ l`` (peft ``IA3Layer.merge``)."""
+    if "ia3_l" not in parts:
+        raise IncompatibleKeysError(f"adapter module {module!r} lacks 'ia3_l'; cannot merge it")
+    config = layout.config
+    vector = layout.weights.read_float64(parts["ia3_l"])
+    feedforward = ia3_ops.is_feedforward(config, module)
+    weight_key = _locate(module, "weight", where)
+    weight_shape = shapes[weight_key]
+    conv = len(weight_shape) > 2
+    fan_in_fan_out = bool(getattr(config, "fan_in_fan_out", False))
+    if not conv and not fan_in_fan_out and len(weight_shape) == 2:
+        # peft writes fan_in_fan_out=True once it meets a GPT-2 Conv1D; a non-square (in, out) weight
+        # whose axes only fit the vector transposed is one too
+        size = vector.size
+        fan_in_fan_out = weight_shape[int(feedforward)] != size == weight_shape[int(not feedforward)]
+    groups = vector.size // weight_shape[1] if conv and feedforward and weight_shape[1] else 1
+    options = dict(feedforward=feedforward, kind="conv" if conv else "linear", fan_in_fan_out=fan_in_fan_out,
+                   groups=groups)
+    expected = ia3_ops.ia3_shape(weight_shape, **options)
+    if tuple(vector.shape) != expected:
+        raise IncompatibleKeysError(
+            f"adapter tensor {parts['ia3_l']!r} has shape {tuple(vector.shape)}, but base weight {weight_key!r} "
+            f"{weight_shape} needs {expected} (is this the adapter's base model?)"
+        )
+
+    def update(weight):
+        merged = ia3_ops.merge_weight(weight, vector.astype(weight.dtype), **options)
+        if safe and not np.all(np.isfinite(merged)):
+            # peft's safe_merge check: refuse rather than write a broken base
+            raise MergeError(f"NaNs or infs detected in the merged weights of {module!r}; the adapter seems to be "
+                             "broken")
+        return merged
+
+    updates: dict[str, Update] = {weight_key: update}
+    if not feedforward and any(f"{c}.bias" in where for c in (module, module.removeprefix("model."),
+                                                               f"model.{module}")):
+
+        def bias_update(bias):
+            return ia3_ops.merge_bias(bias, vector.astype(bias.dtype), feedforward=False)
+
+        updates[_locate(module, "bias", where)] = bias_update
+    return updates
+
+
 def _module_updates(layout: AdapterLayout, module: str, parts: dict[str, str], where: dict[str, int],
                     shapes: dict[str, tuple[int, ...]], codes: dict[str, str], *, safe: bool) -> dict[str, Update]:
     config = layout.config
     if peft_type_name(config) == "ADALORA":
         return _adalora_updates(layout, module, parts, where, shapes, safe=safe)
+    if peft_type_name(config) == "IA3":
+        return _ia3_updates(layout, module, parts, where, shapes, safe=safe)
     r, alpha = resolve_rank_alpha(config, module)
     s = ops.scaling(r, alpha, use_rslora=bool(getattr(config, "use_rslora", False)))
     adapter = {name: layout.weights.read_float64(key) for name, key in parts.items()}

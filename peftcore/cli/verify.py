@@ -17,6 +17,7 @@ from peftcore._safetensors import DTYPE_NAMES
 from peftcore.cli._common import open_adapter, peft_type_name, to_json
 from peftcore.errors import ConfigError, MergeError
 from peftcore.matching import resolve_rank_alpha
+from peftcore.methods.adalora import ops as adalora_ops
 from peftcore.methods.lora import ops
 
 HELP = "compute every adapted layer's delta weight on each backend and compare with a float64 reference"
@@ -83,36 +84,56 @@ def _delta(a: Any, b: Any, *, scaling: float, embedding: bool) -> Any:
     return ops.delta_weight(a, b, scaling=scaling)
 
 
+def _factors(layout: Any, module: str, parts: dict[str, str]) -> tuple[list[str], Any, Any] | None:
+    """The module's factor keys, its float64 reference ``ΔW`` and the core's ``ΔW``; None if it has none."""
+    config = layout.config
+    if peft_type_name(config) == "ADALORA":
+        if not {"lora_A", "lora_E", "lora_B"} <= parts.keys():
+            return None
+        keys = [parts["lora_A"], parts["lora_E"], parts["lora_B"]]
+        # peft keeps ranknum = init_r after pruning; conv factors stay flattened (out, in·kh·kw)
+        s = adalora_ops.scaling(config.init_r, config.lora_alpha, r=layout.weights.tensors[keys[0]].shape[0])
+        return (keys, lambda a, e, b: (b @ (a * e)) * s,
+                lambda a, e, b: adalora_ops.delta_weight(a, e, b, scaling=s))
+    embedding = "lora_embedding_A" in parts
+    a_key = parts.get("lora_embedding_A" if embedding else "lora_A.weight")
+    b_key = parts.get("lora_embedding_B" if embedding else "lora_B.weight")
+    if a_key is None or b_key is None:
+        return None
+    r, alpha = resolve_rank_alpha(config, module)
+    s = ops.scaling(r, alpha, use_rslora=bool(getattr(config, "use_rslora", False)))
+    return ([a_key, b_key], lambda a, b: _reference(a, b, scaling=s, embedding=embedding),
+            lambda a, b: _delta(a, b, scaling=s, embedding=embedding))
+
+
 def verify_adapter(adapter_dir: str, *, backends: list[str] | None = None, rtol: float | None = None) -> dict[str, Any]:
     """Per backend and layer: max |ΔW − ref| and that over max |ref|; ``ok`` when every ratio <= rtol."""
     from peftcore.testing import to_numpy
 
     layout = open_adapter(adapter_dir)
-    if peft_type_name(layout.config) != "LORA":
-        raise MergeError(f"verify supports LoRA adapters; {adapter_dir} is a {peft_type_name(layout.config)} adapter")
+    method = peft_type_name(layout.config)
+    if method not in ("LORA", "ADALORA"):
+        reason = " ((IA)³ rescales the base weights and has no delta weight; `peftcore merge` folds it in)" \
+            if method == "IA3" else ""
+        raise MergeError(f"verify supports LoRA and AdaLoRA adapters; {adapter_dir} is a {method} adapter{reason}")
     names = installed_backends() if backends is None else backends
     spaces = {name: namespace(name) for name in names}
     layers, worst = [], {name: 0.0 for name in names}
     ok = True
     for module, parts in layout.modules.items():
-        embedding = "lora_embedding_A" in parts
-        a_key = parts.get("lora_embedding_A" if embedding else "lora_A.weight")
-        b_key = parts.get("lora_embedding_B" if embedding else "lora_B.weight")
-        if a_key is None or b_key is None:
+        factors = _factors(layout, module, parts)
+        if factors is None:
             continue
-        r, alpha = resolve_rank_alpha(layout.config, module)
-        s = ops.scaling(r, alpha, use_rslora=bool(getattr(layout.config, "use_rslora", False)))
-        code = layout.weights.tensors[a_key].code
-        dtype = DTYPE_NAMES[code]
-        b_code = layout.weights.tensors[b_key].code
-        a, b = layout.weights.read_float64(a_key), layout.weights.read_float64(b_key)  # exact widening
-        reference = _reference(a.astype(np.float64), b.astype(np.float64), scaling=s, embedding=embedding)
+        keys, reference_fn, delta_fn = factors
+        dtype = DTYPE_NAMES[layout.weights.tensors[keys[0]].code]
+        stored = [layout.weights.read_float64(key) for key in keys]  # exact widening
+        reference = reference_fn(*(f.astype(np.float64) for f in stored))
         scale = float(np.max(np.abs(reference))) if reference.size else 0.0
         tolerance = rtol if rtol is not None else DEFAULT_RTOL.get(dtype, 1e-5)
         row: dict[str, Any] = {"module": module, "dtype": dtype, "shape": list(reference.shape), "backends": {}}
         for name, xp in spaces.items():
-            delta = _delta(_to_backend(a, dtype, xp=xp), _to_backend(b, DTYPE_NAMES[b_code], xp=xp),
-                           scaling=s, embedding=embedding)
+            delta = delta_fn(*(_to_backend(f, DTYPE_NAMES[layout.weights.tensors[key].code], xp=xp)
+                               for f, key in zip(stored, keys)))
             error = float(np.max(np.abs(to_numpy(delta).astype(np.float64) - reference))) if reference.size else 0.0
             relative = error / scale if scale > 0 else error
             row["backends"][name] = {"max_abs_error": error, "relative_error": relative}

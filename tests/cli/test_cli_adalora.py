@@ -133,3 +133,18 @@ def test_adalora_missing_lora_E_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "model.layers.1.self_attn.q_proj" in err and "lora_E" in err
     assert not out.exists()
+
+
+def test_verify_checks_every_pruned_adalora_layer(tmp_path, capsys):
+    _, adapter, _ = _build(tmp_path, transformers.LlamaForCausalLM, transformers.LlamaConfig(**LLAMA),
+                           target_modules=["q_proj", "v_proj"])
+    peft_layers = json.loads((tmp_path / "peft_layers.json").read_text())
+    capsys.readouterr()
+    assert main(["verify", str(adapter), "--backends", "numpy,torch", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] and {row["module"] for row in report["layers"]} == set(peft_layers)
+    for row in report["layers"]:
+        assert row["shape"][0] in (LLAMA["hidden_size"], LLAMA["hidden_size"] // 2)  # q (16) / grouped v (8)
+        assert row["shape"][1] == LLAMA["hidden_size"]
+        for errors in row["backends"].values():
+            assert errors["relative_error"] <= 1e-6

@@ -15,6 +15,11 @@ orientation (layout ``"torch"``). Every linear layer and the token embedding go 
 ``peftcore_jax.dense`` / ``peftcore_jax.embed`` with the adapter for their path (or ``None``), so a LoRA is applied
 factored, ``x Wᵀ + s·(x Aᵀ) Bᵀ``, without forming ``W + ΔW``.
 
+Prompt learning (``peftcore_jax.prompt_learning``): ``forward`` also takes a soft prompt (prompt tuning, P-tuning:
+virtual-token embeddings put before the token embeddings) or a key/value prefix (prefix tuning: per layer
+``(key, value)``, attended by every token), plus a padding ``attention_mask``; ``forward_with_prompt`` runs a
+``PromptAdapter`` the way ``peft``'s ``PeftModelForCausalLM`` does.
+
 Run ``python examples/jax_llama.py`` to compare with transformers on a tiny random model.
 """
 
@@ -29,8 +34,11 @@ import jax.numpy as jnp
 import numpy as np
 
 import peftcore_jax
+from peftcore.methods import prompt_learning
+from peftcore_jax import prompt_learning as jax_prompt_learning
 
-__all__ = ["LlamaSpec", "forward", "init_params", "params_from_state_dict", "spec_from_hf_config"]
+__all__ = ["LlamaSpec", "forward", "forward_with_prompt", "init_params", "params_from_state_dict",
+           "spec_from_hf_config"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,7 +145,7 @@ def _rotate_half(x):
     return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
 
 
-def _attention(x, layer, adapters, path, spec, cos, sin):
+def _attention(x, layer, adapters, path, spec, cos, sin, past, key_mask):
     batch, seq, _ = x.shape
     heads, kv_heads, head_dim = spec.num_attention_heads, spec.num_key_value_heads, spec.head_dim
 
@@ -148,11 +156,19 @@ def _attention(x, layer, adapters, path, spec, cos, sin):
     q, k, v = proj("q_proj", heads), proj("k_proj", kv_heads), proj("v_proj", kv_heads)
     q = q * cos + _rotate_half(q) * sin
     k = k * cos + _rotate_half(k) * sin
+    past_len = 0
+    if past is not None:  # a prefix is cached as keys are: already rotated (here: used as given)
+        past_len = past[0].shape[2]
+        k = jnp.concatenate([jnp.broadcast_to(past[0], (batch, *past[0].shape[1:])).astype(k.dtype), k], axis=2)
+        v = jnp.concatenate([jnp.broadcast_to(past[1], (batch, *past[1].shape[1:])).astype(v.dtype), v], axis=2)
     k = jnp.repeat(k, heads // kv_heads, axis=1)
     v = jnp.repeat(v, heads // kv_heads, axis=1)
     scores = jnp.einsum("bhqd,bhkd->bhqk", q, k) * head_dim**-0.5
-    causal = jnp.tril(jnp.ones((seq, seq), dtype=bool))
-    scores = jnp.where(causal, scores, jnp.finfo(scores.dtype).min)
+    # query i sits at position past_len + i and sees every key up to it
+    allowed = jnp.arange(past_len + seq)[None, :] <= past_len + jnp.arange(seq)[:, None]
+    if key_mask is not None:
+        allowed = allowed[None, None] & (key_mask[:, None, None, :] != 0)
+    scores = jnp.where(allowed, scores, jnp.finfo(scores.dtype).min)
     weights = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(q.dtype)
     out = jnp.einsum("bhqk,bhkd->bhqd", weights, v).transpose(0, 2, 1, 3).reshape(batch, seq, heads * head_dim)
     return peftcore_jax.dense(out, layer["o_proj"], adapters.get(f"{path}.o_proj"))
@@ -165,26 +181,61 @@ def _mlp(x, mlp, adapters, path):
 
 
 def forward(params: dict, input_ids: jax.Array, /, *, spec: LlamaSpec,
-            adapters: Mapping[str, Any] | Any = None) -> jax.Array:
-    """Logits ``(batch, seq, vocab)`` for ``input_ids (batch, seq)``, causal, positions ``0..seq-1``.
+            adapters: Mapping[str, Any] | Any = None, soft_prompt: jax.Array | None = None,
+            prefix: Any = None, attention_mask: jax.Array | None = None) -> jax.Array:
+    """Logits for ``input_ids (batch, seq)``, causal.
 
     ``adapters``: a ``peftcore_jax.LoraAdapters``, several active at once (``peftcore_jax.ActiveAdapters`` or a
     list of ``LoraAdapters``, peft's ``set_adapter([...])``), or a ``{module_path: LoraParams}`` mapping
     (``None``: base model).
+    ``soft_prompt`` ``(T, D)`` or ``(batch|1, T, D)``: virtual tokens before the token embeddings (cast to their
+    dtype); the logits then cover ``T + seq`` positions, positions ``0..T+seq-1``, as ``peft``'s.
+    ``prefix``: per layer ``(key, value)``, each ``(batch|1, kv_heads, T, head_dim)`` (``peftcore``'s
+    ``past_key_values_layout``): attended by every token; the tokens sit at positions ``T..T+seq-1``.
+    ``attention_mask (batch, seq)``: 1 for tokens, 0 for padding; virtual tokens are always attended.
     """
     adapters = _adapter_map(adapters)
     model = params["model"]
     hidden = peftcore_jax.embed(input_ids, model["embed_tokens"], adapters.get("model.embed_tokens"))
-    cos, sin = _rotary(jnp.arange(input_ids.shape[1]), spec.head_dim, spec.rope_theta, hidden.dtype)
+    virtual = 0
+    if soft_prompt is not None:
+        hidden = prompt_learning.prepend_virtual_tokens(soft_prompt, hidden)
+        virtual = hidden.shape[1] - input_ids.shape[1]
+    past_len = 0
+    if prefix is not None:
+        if len(prefix) != len(model["layers"]):
+            raise ValueError(f"prefix has {len(prefix)} layers, the model {len(model['layers'])}")
+        past_len = prefix[0][0].shape[2]
+    key_mask = None
+    if attention_mask is not None:
+        key_mask = prompt_learning.extend_attention_mask(jnp.asarray(attention_mask),
+                                                         num_virtual_tokens=virtual + past_len)
+    cos, sin = _rotary(jnp.arange(past_len, past_len + hidden.shape[1]), spec.head_dim, spec.rope_theta, hidden.dtype)
     for i, layer in enumerate(model["layers"]):
         path = f"model.layers.{i}"
+        past = None if prefix is None else prefix[i]
         normed = _rms_norm(hidden, layer["input_layernorm"]["weight"], spec.rms_norm_eps)
-        hidden = hidden + _attention(normed, layer["self_attn"], adapters, f"{path}.self_attn", spec, cos, sin)
+        hidden = hidden + _attention(normed, layer["self_attn"], adapters, f"{path}.self_attn", spec, cos, sin,
+                                     past, key_mask)
         normed = _rms_norm(hidden, layer["post_attention_layernorm"]["weight"], spec.rms_norm_eps)
         hidden = hidden + _mlp(normed, layer["mlp"], adapters, f"{path}.mlp")
     hidden = _rms_norm(hidden, model["norm"]["weight"], spec.rms_norm_eps)
     head = model["embed_tokens"] if spec.tie_word_embeddings else params["lm_head"]
     return peftcore_jax.dense(hidden, head, adapters.get("lm_head"))
+
+
+def forward_with_prompt(params: dict, input_ids: jax.Array, prompt_adapter: Any, /, *, spec: LlamaSpec,
+                        attention_mask: jax.Array | None = None, adapters: Any = None) -> jax.Array:
+    """``peft``'s ``PeftModelForCausalLM.forward`` for a ``peftcore_jax.prompt_learning.PromptAdapter``.
+
+    Prompt tuning / P-tuning: logits ``(batch, T + seq, vocab)``; prefix tuning (prefix cast to the model's
+    dtype, as ``peft``): ``(batch, seq, vocab)``.
+    """
+    dtype = params["model"]["embed_tokens"]["weight"].dtype
+    prompt = jax_prompt_learning.get_prompt(prompt_adapter, batch_size=input_ids.shape[0], dtype=dtype)
+    if prompt_adapter.peft_type == "PREFIX_TUNING":
+        return forward(params, input_ids, spec=spec, adapters=adapters, prefix=prompt, attention_mask=attention_mask)
+    return forward(params, input_ids, spec=spec, adapters=adapters, soft_prompt=prompt, attention_mask=attention_mask)
 
 
 def _adapter_map(adapters: Any) -> Any:

@@ -18,6 +18,9 @@ from peftcore.mapping import (
 from peftcore.methods.adalora import AdaLoraConfig
 from peftcore.methods.ia3 import IA3Config
 from peftcore.methods.lora import LoraConfig
+from peftcore.methods.p_tuning import PromptEncoderConfig
+from peftcore.methods.prefix_tuning import PrefixTuningConfig
+from peftcore.methods.prompt_tuning import PromptTuningConfig
 
 __version__ = "0.1.0"
 
@@ -30,6 +33,9 @@ __all__ = [
     "LoraConfig",
     "PeftConfig",
     "PeftType",
+    "PrefixTuningConfig",
+    "PromptEncoderConfig",
+    "PromptTuningConfig",
     "TaskType",
     "UnknownConfigFieldsWarning",
     "__version__",

@@ -32,9 +32,13 @@ def test_every_core_module_imports_without_frameworks():
 
 
 def test_import_peftcore_is_fast():
-    code = "import time; t = time.perf_counter(); import peftcore; print(time.perf_counter() - t)"
-    # best of three: the first run may pay for cold disk caches
-    assert min(float(_run(code)) for _ in range(3)) < 0.5
+    code = ("import time; t0 = time.perf_counter(); import numpy; t1 = time.perf_counter(); import peftcore; "
+            "t2 = time.perf_counter(); print(t2 - t0, t2 - t1)")
+    # best of three: the first run may pay for cold disk caches. peftcore's own share (after NumPy, which
+    # any array user has loaded anyway) is bounded tightly; the total loosely, as a loaded machine slows both
+    runs = [tuple(map(float, _run(code).split())) for _ in range(3)]
+    assert min(total for total, _ in runs) < 1.0
+    assert min(own for _, own in runs) < 0.3
 
 
 def test_no_source_file_imports_framework_in_core_or_through_backends_package():

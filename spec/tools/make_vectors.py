@@ -26,6 +26,7 @@ from tests.reference import adalora as aref  # noqa: E402
 from tests.reference import dora as dref  # noqa: E402
 from tests.reference import ia3 as iref  # noqa: E402
 from tests.reference import lora as lref  # noqa: E402
+from tests.reference import prompt as pref  # noqa: E402
 
 VECTORS = ROOT / "spec" / "vectors"
 SEED = 20261129
@@ -272,11 +273,80 @@ def ia3_cases(rng: np.random.Generator) -> Collector:
     return c
 
 
+def _lstm_params(rng, num_layers, dim, hidden):
+    """``nn.LSTM(bidirectional=True)`` parameters in its ``named_parameters`` order."""
+    params = {}
+    for layer in range(num_layers):
+        width = dim if layer == 0 else 2 * hidden
+        for direction in ("", "_reverse"):
+            suffix = f"_l{layer}{direction}"
+            params["weight_ih" + suffix] = rng.standard_normal((4 * hidden, width))
+            params["weight_hh" + suffix] = rng.standard_normal((4 * hidden, hidden))
+            params["bias_ih" + suffix] = rng.standard_normal(4 * hidden)
+            params["bias_hh" + suffix] = rng.standard_normal(4 * hidden)
+    return params
+
+
+def prompt_cases(rng: np.random.Generator) -> Collector:
+    c = Collector("prompt_learning")
+    n = rng.standard_normal
+    doc = "prompt_learning.md"
+
+    prompts, embeds = n((3, 4)), n((2, 5, 4))
+    c.add("prepend_virtual_tokens/broadcast", "prompt_learning.prepend_virtual_tokens", f"{doc}#4-virtual-tokens-in-the-input",
+          {"prompts": prompts, "inputs_embeds": embeds}, {}, {"out": pref.prepend(prompts, embeds)},
+          description="(T, D) prompt broadcast over the batch and put before the input embeddings")
+    labels = rng.integers(-100, 30, size=(2, 5))
+    c.add("extend_labels/basic", "prompt_learning.extend_labels", f"{doc}#4-virtual-tokens-in-the-input",
+          {"labels": labels}, {"num_virtual_tokens": 3}, {"out": pref.prepend_constant(labels, 3, -100)},
+          description="-100 (ignored by the loss) for each virtual token")
+    mask = rng.integers(0, 2, size=(2, 5))
+    c.add("extend_attention_mask/basic", "prompt_learning.extend_attention_mask", f"{doc}#4-virtual-tokens-in-the-input",
+          {"attention_mask": mask}, {"num_virtual_tokens": 2}, {"out": pref.prepend_constant(mask, 2, 1)},
+          description="virtual tokens are always attended")
+
+    for case_id, layers, heads, dim, submodules, batched in (
+        ("past_key_values_layout/decoder_only", 3, 2, 4, 1, False),
+        ("past_key_values_layout/encoder_decoder", 3, 1, 2, 2, True),
+    ):
+        prefix = n((2, 2, 2 * layers * dim) if batched else (2, 2 * layers * dim))
+        expected = pref.past_key_values(prefix, layers, heads, dim, submodules, 2)
+        names = ("key", "value") if submodules == 1 else ("self_key", "self_value", "cross_key", "cross_value")
+        outputs = {f"l{i}_{name}": t for i, layer in enumerate(expected) for name, t in zip(names, layer)}
+        params = {"num_layers": layers, "num_attention_heads": heads, "token_dim": dim,
+                  "num_transformer_submodules": submodules}
+        if not batched:
+            params["batch_size"] = 2
+        c.add(case_id, "prompt_learning.past_key_values_layout", f"{doc}#5-key-value-prefix-layout", {"prefix": prefix},
+              params, outputs, description="peft's per-layer key/value prefix; outputs flattened layer by layer")
+
+    emb, w1, b1, w2, b2 = n((3, 4)), n((5, 4)), n(5), n((2 * 2 * 4, 5)), n(2 * 2 * 4)
+    c.add("prefix_projection/basic", "prefix_tuning.prefix_projection", f"{doc}#2-prefix-tuning",
+          {"embedding": emb, "w1": w1, "b1": b1, "w2": w2, "b2": b2}, {},
+          {"out": pref.prefix_projection(emb, w1, b1, w2, b2)}, description="tanh(E W1^T + b1) W2^T + b2")
+
+    mlp = {"x": n((3, 4)), "w0": n((5, 4)), "b0": n(5), "w2": n((5, 5)), "b2": n(5), "w4": n((4, 5)), "b4": n(4)}
+    c.add("mlp_head/basic", "p_tuning.mlp_head", f"{doc}#3-p-tuning", mlp, {},
+          {"out": pref.mlp_head(*mlp.values())}, description="MLP reparameterisation: two ReLU hidden layers")
+
+    for case_id, num_layers, batched in (("lstm/two_layers", 2, False), ("lstm/one_layer_batched", 1, True)):
+        x = n((2, 3, 4) if batched else (3, 4))
+        params = _lstm_params(rng, num_layers, 4, 2)
+        c.add(case_id, "p_tuning.lstm", f"{doc}#3-p-tuning", {"x": x, **params}, {"num_layers": num_layers},
+              {"out": pref.lstm(x, params, num_layers)},
+              description="bidirectional LSTM, inputs: x then nn.LSTM parameters in named_parameters order")
+
+    head = {"h": n((3, 4)), "w0": n((4, 4)), "b0": n(4), "w2": n((3, 4)), "b2": n(3)}
+    c.add("lstm_mlp_head/basic", "p_tuning.lstm_mlp_head", f"{doc}#3-p-tuning", head, {},
+          {"out": pref.lstm_mlp_head(*head.values())}, description="Linear-ReLU-Linear after the LSTM")
+    return c
+
+
 def main() -> None:
     rng = np.random.default_rng(SEED)
     VECTORS.mkdir(parents=True, exist_ok=True)
     cases = []
-    for collector in (lora_cases(rng), dora_cases(rng), adalora_cases(rng), ia3_cases(rng)):
+    for collector in (lora_cases(rng), dora_cases(rng), adalora_cases(rng), ia3_cases(rng), prompt_cases(rng)):
         save_file(collector.tensors, str(VECTORS / f"{collector.method}.safetensors"), metadata={"seed": str(SEED)})
         cases.extend(collector.cases)
     manifest = {

@@ -16,8 +16,11 @@ from safetensors.numpy import load_file
 
 from peftcore.methods.adalora import ops as adalora_ops
 from peftcore.methods.ia3 import ops as ia3_ops
+from peftcore.methods import prompt_learning
 from peftcore.methods.lora import dora, ops
-from peftcore.testing import assert_close
+from peftcore.methods.p_tuning import ops as p_tuning_ops
+from peftcore.methods.prefix_tuning import ops as prefix_ops
+from peftcore.testing import assert_close, to_numpy
 
 VECTORS = Path(__file__).resolve().parents[2] / "spec" / "vectors"
 MANIFEST = json.loads((VECTORS / "manifest.json").read_text())
@@ -48,7 +51,23 @@ OPERATIONS = {
     "ia3.scale_output": ia3_ops.scale_output,
     "ia3.scale_input": ia3_ops.scale_input,
     "ia3.merge_weight": ia3_ops.merge_weight,
+    "prompt_learning.prepend_virtual_tokens": prompt_learning.prepend_virtual_tokens,
+    "prompt_learning.extend_labels": prompt_learning.extend_labels,
+    "prompt_learning.extend_attention_mask": prompt_learning.extend_attention_mask,
+    "prompt_learning.past_key_values_layout": prompt_learning.past_key_values_layout,
+    "prefix_tuning.prefix_projection": prefix_ops.prefix_projection,
+    "p_tuning.mlp_head": p_tuning_ops.mlp_head,
+    "p_tuning.lstm": lambda x, *params, num_layers: p_tuning_ops.lstm(
+        x, dict(zip(p_tuning_ops.lstm_parameter_names(num_layers), params)), num_layers=num_layers),
+    "p_tuning.lstm_mlp_head": p_tuning_ops.lstm_mlp_head,
 }
+
+
+def _flat(outputs) -> tuple:
+    # operations returning nested tuples (the per-layer key/value prefix) list their outputs flattened
+    if not isinstance(outputs, tuple):
+        return (outputs,)
+    return tuple(leaf for item in outputs for leaf in _flat(item))
 
 
 def _params(params: dict) -> dict:
@@ -84,11 +103,13 @@ def test_golden_vector(case, dtype_name, xp, call):
     inputs = [as_input(name) for name in case["inputs"]]
     while inputs and inputs[-1] is None:
         inputs.pop()
-    outputs = call(OPERATIONS[case["operation"]], *inputs, **_params(case["params"]))
-    if len(case["outputs"]) == 1:
-        outputs = (outputs,)
+    outputs = _flat(call(OPERATIONS[case["operation"]], *inputs, **_params(case["params"])))
     assert len(outputs) == len(case["outputs"])
     rtol = case["tolerance"][dtype_name]["rtol"]
     for name, actual in zip(case["outputs"], outputs):
         expected = tensors[f"{case['id']}/outputs/{name}"]
+        if expected.dtype.kind in "iu":  # integer outputs (labels, masks) keep the input's dtype, exactly
+            assert actual.dtype == xp.int64, f"{case['id']}:{name}: dtype {actual.dtype}"
+            np.testing.assert_array_equal(np.asarray(to_numpy(actual)), expected, err_msg=f"{case['id']}:{name}")
+            continue
         assert_close(actual, np.asarray(expected), xp=xp, dtype=dtype, rtol=rtol, err_msg=f"{case['id']}:{name}")

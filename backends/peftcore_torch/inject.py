@@ -1,8 +1,9 @@
-"""Put LoRA adapters into any ``nn.Module`` (``peft.inject_adapter_in_model`` and ``BaseTuner.inject_adapter``).
+"""Put adapters into any ``nn.Module`` (``peft.inject_adapter_in_model`` and ``BaseTuner.inject_adapter``).
 
-Which modules get an adapter is decided by ``peftcore.matching`` on the module names; this file
-only walks the torch module tree, swaps modules for ``LoraLayer``s, wraps ``modules_to_save`` and
-sets ``requires_grad`` as peft does.
+Which modules get an adapter is decided by ``peftcore.matching`` on the module names; which layer
+class wraps them comes from the method table (``peftcore_torch.methods``). This file only walks the
+torch module tree, swaps modules for adapter layers, wraps ``modules_to_save`` and sets
+``requires_grad`` as peft does.
 """
 
 from __future__ import annotations
@@ -12,11 +13,12 @@ from typing import Any
 
 from torch import nn
 
-from peftcore.errors import ConfigError, UnsupportedLayerError
-from peftcore.matching import match_targets, resolve_rank_alpha
-from peftcore.methods.lora import LoraConfig
+from peftcore.config import PeftConfig
+from peftcore.errors import ConfigError
+from peftcore.matching import match_targets
 from peftcore.random import Sampler
-from peftcore_torch.layers import LoraLayer, ModulesToSaveWrapper, layer_kind
+from peftcore_torch.layers import ModulesToSaveWrapper, TunerLayer, layer_kind
+from peftcore_torch.methods import peft_type_of, torch_method
 from peftcore_torch.sampler import TorchSampler
 
 __all__ = [
@@ -31,7 +33,7 @@ _LINEAR_KINDS = ("linear", "conv1d_gpt2")
 
 
 def inject_adapter_in_model(
-    config: LoraConfig,
+    config: PeftConfig,
     model: nn.Module,
     adapter_name: str = "default",
     *,
@@ -52,9 +54,9 @@ def inject_adapter_in_model(
     return model
 
 
-def adapter_layers(model: nn.Module) -> list[tuple[str, LoraLayer | ModulesToSaveWrapper]]:
-    """``(name, module)`` of every ``LoraLayer`` and ``ModulesToSaveWrapper`` in ``model``."""
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, (LoraLayer, ModulesToSaveWrapper))]
+def adapter_layers(model: nn.Module) -> list[tuple[str, TunerLayer | ModulesToSaveWrapper]]:
+    """``(name, module)`` of every adapter layer (``TunerLayer``) and ``ModulesToSaveWrapper`` in ``model``."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, (TunerLayer, ModulesToSaveWrapper))]
 
 
 def _is_transformers_model(model: nn.Module) -> bool:
@@ -62,7 +64,8 @@ def _is_transformers_model(model: nn.Module) -> bool:
                for cls in type(model).__mro__)
 
 
-def _model_type(model: nn.Module) -> str | None:
+def model_type_of(model: nn.Module) -> str | None:
+    """``model.config.model_type`` (``None`` for models without a transformers config)."""
     model_config = getattr(model, "config", None)
     if isinstance(model_config, dict):
         return model_config.get("model_type")
@@ -85,23 +88,10 @@ def _output_embedding_name(model: nn.Module) -> str | None:
 def _linear_names(model: nn.Module) -> list[str]:
     names = []
     for name, module in model.named_modules():
-        kind = module.kind if isinstance(module, LoraLayer) else layer_kind(module)
+        kind = layer_kind(module.base_layer if isinstance(module, TunerLayer) else module)
         if kind in _LINEAR_KINDS:
             names.append(name)
     return names
-
-
-def _check_fan_in_fan_out(config: LoraConfig, module: nn.Module) -> None:
-    # peft's dispatch_default corrects the (shared) config with these warnings, per new layer
-    kind = layer_kind(module)
-    if kind == "linear" and config.fan_in_fan_out:
-        warnings.warn("fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. "
-                      "Setting fan_in_fan_out to False.")
-        config.fan_in_fan_out = False
-    elif kind == "conv1d_gpt2" and not config.fan_in_fan_out:
-        warnings.warn("fan_in_fan_out is set to False but the target module is `Conv1D`. "
-                      "Setting fan_in_fan_out to True.")
-        config.fan_in_fan_out = True
 
 
 def _replace(model: nn.Module, key: str, new: nn.Module) -> None:
@@ -112,7 +102,7 @@ def _replace(model: nn.Module, key: str, new: nn.Module) -> None:
 
 def inject_adapter(
     model: nn.Module,
-    config: LoraConfig,
+    config: PeftConfig,
     adapter_name: str,
     *,
     active_adapters: list[str],
@@ -122,20 +112,27 @@ def inject_adapter(
 ) -> list[str]:
     """Add ``adapter_name`` to every module ``config`` targets; return the adapted module names.
 
-    ``configs`` (adapter -> config) receives the config; ``active_adapters`` stay the active ones
-    afterwards (peft re-activates them so a new adapter on new layers does not become active).
+    The layer class is ``config.peft_type``'s (``peftcore_torch.methods``); one model holds adapters
+    of one method. ``configs`` (adapter -> config) receives the config; ``active_adapters`` stay the
+    active ones afterwards (peft re-activates them so a new adapter on new layers does not become active).
     """
-    if getattr(getattr(config, "peft_type", None), "value", getattr(config, "peft_type", None)) != "LORA":
-        raise ConfigError(f"peftcore_torch supports LoRA adapters only; got peft_type {config.peft_type!r}")
+    method = torch_method(config)
     if adapter_name in configs:
         raise ConfigError(f"adapter {adapter_name!r} already exists; known adapters: {sorted(configs)}")
+    other_types = sorted({peft_type_of(c) for c in configs.values()} - {method.peft_type})
+    if other_types:
+        raise ConfigError(f"cannot add a {method.peft_type} adapter to a model holding {other_types} adapters; "
+                          "one model holds adapters of one method")
     sampler = TorchSampler() if sampler is None else sampler
+    if method.prepare_config is not None:
+        method.prepare_config(config, model)
+    layer_cls = method.layer_cls
     module_names = [name for name, _ in model.named_modules()]
     match = match_targets(
         config,
         module_names,
-        model_type=_model_type(model),
-        peft_type="LORA",
+        model_type=model_type_of(model),
+        peft_type=method.peft_type,
         linear_module_names=_linear_names(model),
         output_embedding_name=_output_embedding_name(model),
         is_transformers_model=_is_transformers_model(model),
@@ -150,22 +147,16 @@ def inject_adapter(
         config.target_modules = match.target_modules
 
     configs[adapter_name] = config
+    options = dict(config=config, sampler=sampler, autocast_adapter_dtype=autocast_adapter_dtype)
     try:
         for key in match.matched:
             target = model.get_submodule(key)
-            if not isinstance(target, LoraLayer):
-                if layer_kind(target) is None:
-                    raise UnsupportedLayerError(
-                        f"Target module {key!r} is a {type(target).__module__}.{type(target).__name__}, which LoRA "
-                        "cannot adapt. Supported: torch.nn.Linear, transformers Conv1D, torch.nn.Embedding, "
-                        "torch.nn.Conv1d/Conv2d/Conv3d"
-                    )
-                _check_fan_in_fan_out(config, target)
-                layer = LoraLayer(target)
-                layer.update_layer(adapter_name, **_layer_options(config, key, sampler, autocast_adapter_dtype))
-                _replace(model, key, layer)
+            if isinstance(target, layer_cls):
+                target.add_adapter(adapter_name, key=key, **options)
             else:
-                target.update_layer(adapter_name, **_layer_options(config, key, sampler, autocast_adapter_dtype))
+                layer = layer_cls.wrap(target, key=key, config=config)
+                layer.add_adapter(adapter_name, key=key, **options)
+                _replace(model, key, layer)
     except Exception:
         configs.pop(adapter_name, None)
         raise
@@ -179,17 +170,11 @@ def inject_adapter(
     return match.matched
 
 
-def _layer_options(config: LoraConfig, key: str, sampler: Sampler, autocast_adapter_dtype: bool) -> dict[str, Any]:
-    r, lora_alpha = resolve_rank_alpha(config, key)
-    return dict(r=r, lora_alpha=lora_alpha, config=config, sampler=sampler,
-                autocast_adapter_dtype=autocast_adapter_dtype)
-
-
 def set_active_adapters(model: nn.Module, adapter_names: list[str], *, inference_mode: bool = False,
                         wrappers: bool = True) -> None:
     """Activate ``adapter_names`` on every adapter layer (and, with ``wrappers``, on ``modules_to_save``)."""
     for _, module in adapter_layers(model):
-        if isinstance(module, LoraLayer):
+        if isinstance(module, TunerLayer):
             module.set_adapter(adapter_names, inference_mode=inference_mode)
         elif wrappers:
             module.set_adapter([name for name in adapter_names if name in module.modules_to_save][:1],
@@ -204,7 +189,7 @@ def mark_only_adapters_as_trainable(model: nn.Module, active_configs: list[Any])
     """
     keep: set[int] = set()
     for _, module in adapter_layers(model):
-        if isinstance(module, LoraLayer):
+        if isinstance(module, TunerLayer):
             for adapter in module.adapter_names:
                 keep.update(id(p) for p in module._adapter_parameters(adapter))
         else:
@@ -220,7 +205,7 @@ def mark_only_adapters_as_trainable(model: nn.Module, active_configs: list[Any])
                     param.requires_grad_(True)
         elif bias == "lora_only":
             for _, module in adapter_layers(model):
-                if isinstance(module, LoraLayer) and module.bias is not None:
+                if isinstance(module, TunerLayer) and module.bias is not None:
                     module.bias.requires_grad_(True)
 
 
@@ -237,17 +222,17 @@ def _wrap_modules_to_save(model: nn.Module, adapter_name: str, module_names: lis
         parent_name = key.rpartition(".")[0]
         grandparent_name = parent_name.rpartition(".")[0]
         grandparent = model.get_submodule(grandparent_name) if parent_name else None
-        if isinstance(grandparent, LoraLayer):
+        if isinstance(grandparent, TunerLayer):
             raise ValueError(
-                f"modules_to_save entry matches {key!r}, a child of a LoRA layer; make sure the adapter name "
+                f"modules_to_save entry matches {key!r}, a child of an adapter layer; make sure the adapter name "
                 f"{adapter_name!r} does not clash with a module name"
             )
         if isinstance(target, ModulesToSaveWrapper):
             target.update(adapter_name)
             target.set_adapter(target.active_adapters, inference_mode=inference_mode)
             continue
-        if isinstance(target, LoraLayer):
-            raise ConfigError(f"module {key!r} is both targeted by LoRA and listed in modules_to_save")
+        if isinstance(target, TunerLayer):
+            raise ConfigError(f"module {key!r} is both targeted by the adapter and listed in modules_to_save")
         wrapper = ModulesToSaveWrapper(target, adapter_name)
         wrapper.set_adapter([adapter_name] if activate else [], inference_mode=inference_mode)
         _replace(model, key, wrapper)

@@ -1,4 +1,7 @@
-"""Torch modules that hold LoRA parameters and call ``peftcore`` for all of their math.
+"""Torch modules that hold adapter parameters and call ``peftcore`` for all of their math.
+
+``TunerLayer`` is what every method's layer shares (``LoraLayer`` here; ``IA3Layer`` in ``ia3.py``,
+``AdaLoraLayer`` in ``adalora.py``).
 
 ``LoraLayer`` wraps one base module (``nn.Linear``, GPT-2 ``Conv1D``, ``nn.Embedding``,
 ``nn.Conv1d/2d/3d``) and names its containers exactly as ``peft``'s LoRA layers do, so
@@ -21,6 +24,7 @@ import contextlib
 import contextvars
 import copy
 import threading
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from numbers import Real
 from typing import Any
@@ -30,6 +34,7 @@ from torch import nn
 from torch.nn.modules import module as _module_internals
 
 from peftcore.errors import ConfigError, MergeError, ShapeMismatchError, UnsupportedLayerError
+from peftcore.matching import resolve_rank_alpha
 from peftcore.methods.lora import dora, init, ops
 from peftcore.random import Sampler
 
@@ -38,7 +43,9 @@ __all__ = [
     "AdapterWeight",
     "LoraLayer",
     "ModulesToSaveWrapper",
+    "TunerLayer",
     "adapter_names_context",
+    "check_fan_in_fan_out",
     "is_gpt2_conv1d",
     "layer_kind",
 ]
@@ -123,6 +130,20 @@ def layer_kind(module: nn.Module) -> str | None:
     return None
 
 
+def check_fan_in_fan_out(config: Any, module: nn.Module) -> None:
+    """peft's per-layer correction of the (shared) config: ``fan_in_fan_out`` is False for ``nn.Linear``
+    and True for GPT-2 ``Conv1D``, each change announced with peft's warning."""
+    kind = layer_kind(module)
+    if kind == "linear" and config.fan_in_fan_out:
+        warnings.warn("fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. "
+                      "Setting fan_in_fan_out to False.")
+        config.fan_in_fan_out = False
+    elif kind == "conv1d_gpt2" and not config.fan_in_fan_out:
+        warnings.warn("fan_in_fan_out is set to False but the target module is `Conv1D`. "
+                      "Setting fan_in_fan_out to True.")
+        config.fan_in_fan_out = True
+
+
 class AdapterWeight(nn.Module):
     """Holds one adapter tensor as ``.weight`` (and ``lora_B``'s optional ``.bias``); has no forward.
 
@@ -145,50 +166,29 @@ class AdapterWeight(nn.Module):
         return f"shape={tuple(self.weight.shape)}, dtype={self.weight.dtype}, bias={self.bias is not None}"
 
 
-class LoraLayer(nn.Module):
-    """A base module plus any number of named LoRA adapters (peft's ``lora.Linear``/``Embedding``/``ConvNd``).
+class TunerLayer(nn.Module):
+    """What every adapter layer shares (peft's ``BaseTunerLayer``): a wrapped ``base_layer``, adapters
+    held per name in the ``adapter_containers`` (``ModuleDict``/``ParameterDict``, so ``state_dict()``
+    keys are peft's), the active/disabled/merged state, and activation/deletion of adapters.
 
-    ``forward``: disabled -> base (unmerging first if merged); merged -> base; else ``base(x)`` plus,
-    for each active adapter in order, its LoRA (or DoRA) branch from ``peftcore.methods.lora``.
+    A method's layer adds ``add_adapter`` (from its config), ``forward``, ``merge`` and ``unmerge``;
+    ``wrap`` builds the layer around a target module or raises ``UnsupportedLayerError``.
     """
 
-    def __init__(self, base_layer: nn.Module) -> None:
+    #: containers holding one parameter (or parameter-holding module) per adapter, all saved
+    adapter_containers: tuple[str, ...] = ()
+    #: per-adapter containers without saved parameters (dropout modules)
+    other_containers: tuple[str, ...] = ()
+    #: per-adapter plain dicts (ranks, scalings, ...) whose keys are the adapter names
+    adapter_tables: tuple[str, ...] = ()
+
+    def __init__(self, base_layer: nn.Module, kind: str) -> None:
         super().__init__()
-        kind = layer_kind(base_layer)
-        if kind is None:
-            raise UnsupportedLayerError(
-                f"LoRA cannot adapt a {type(base_layer).__module__}.{type(base_layer).__name__}; supported: "
-                "torch.nn.Linear, transformers Conv1D, torch.nn.Embedding, torch.nn.Conv1d/Conv2d/Conv3d"
-            )
         self.base_layer = base_layer
         self.kind = kind
-        self.fan_in_fan_out = kind == "conv1d_gpt2"
-        self.lora_A = nn.ModuleDict()
-        self.lora_B = nn.ModuleDict()
-        self.lora_embedding_A = nn.ParameterDict()
-        self.lora_embedding_B = nn.ParameterDict()
-        self.lora_magnitude_vector = nn.ModuleDict()
-        self.lora_dropout = nn.ModuleDict()
-        self.r: dict[str, int] = {}
-        self.lora_alpha: dict[str, float] = {}
-        self.scaling: dict[str, float] = {}
-        self.use_dora: dict[str, bool] = {}
-        self.lora_bias: dict[str, bool] = {}
         self.merged_adapters: list[str] = []
-        self._dora_norms: dict[str, torch.Tensor] = {}
         self._active_adapters: list[str] = []
         self._disable_adapters = False
-        if kind == "conv1d_gpt2" and type(base_layer).__module__ == "transformers.pytorch_utils":
-            _FRESH_OUTPUT_TYPES.add(type(base_layer))
-        if kind in ("linear", "conv1d_gpt2"):
-            weight = base_layer.weight
-            self.in_features, self.out_features = weight.shape[::-1] if kind == "linear" else weight.shape
-        elif kind == "embedding":
-            self.in_features, self.out_features = base_layer.num_embeddings, base_layer.embedding_dim
-        else:
-            self.in_features, self.out_features = base_layer.in_channels, base_layer.out_channels
-
-    # -- peft's attribute surface ----------------------------------------------------------------
 
     @property
     def weight(self) -> torch.Tensor:
@@ -201,7 +201,7 @@ class LoraLayer(nn.Module):
     @property
     def adapter_names(self) -> list[str]:
         """Names of the adapters this layer holds, in insertion order."""
-        return list(self.r)
+        return list(getattr(self, self.adapter_containers[0]))
 
     @property
     def active_adapters(self) -> list[str]:
@@ -218,7 +218,129 @@ class LoraLayer(nn.Module):
     def get_base_layer(self) -> nn.Module:
         return self.base_layer
 
-    # -- adapters --------------------------------------------------------------------------------
+    def _adapter_parameters(self, adapter_name: str) -> list[nn.Parameter]:
+        params = []
+        for name in self.adapter_containers:
+            container = getattr(self, name)
+            if adapter_name in container:
+                entry = container[adapter_name]
+                params.extend(entry.parameters() if isinstance(entry, nn.Module) else [entry])
+        return params
+
+    def set_adapter(self, adapter_names: str | list[str], *, inference_mode: bool = False) -> None:
+        """Activate ``adapter_names`` (in order); only their parameters require grad (none in inference mode)."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for adapter in self.adapter_names:
+            trainable = adapter in names and not inference_mode
+            for param in self._adapter_parameters(adapter):
+                param.requires_grad_(trainable)
+        self._active_adapters = names
+
+    def enable_adapters(self, enabled: bool) -> None:
+        """peft's ``enable_adapters``: disabling also stops gradients to every adapter parameter."""
+        if enabled:
+            self.set_adapter(self._active_adapters)
+            self._disable_adapters = False
+        else:
+            for adapter in self.adapter_names:
+                for param in self._adapter_parameters(adapter):
+                    param.requires_grad_(False)
+            self._disable_adapters = True
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove ``adapter_name``; a merged adapter must be unmerged first."""
+        if adapter_name in self.merged_adapters:
+            raise MergeError(f"adapter {adapter_name!r} is merged into this layer; unmerge it before deleting it")
+        for name in (*self.adapter_containers, *self.other_containers):
+            container = getattr(self, name)
+            if adapter_name in container:
+                del container[adapter_name]
+        for name in self.adapter_tables:
+            getattr(self, name).pop(adapter_name, None)
+        self._active_adapters = [name for name in self._active_adapters if name != adapter_name]
+
+    def _adapters_to_merge(self, adapter_names: Sequence[str] | None) -> list[str]:
+        """The adapters ``merge`` folds in: the given (default: active) ones this layer holds, not yet merged."""
+        names = self._active_adapters if adapter_names is None else list(adapter_names)
+        held = self.adapter_names
+        return [name for name in names if name in held and name not in self.merged_adapters]
+
+    def _write_base(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        """Overwrite the base weight (and bias) in place, so the parameter objects survive."""
+        with torch.no_grad():
+            self.base_layer.weight.copy_(weight)
+            if bias is not None:
+                self.base_layer.bias.copy_(bias)
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind!r}, adapters={self.adapter_names}, active={self._active_adapters}"
+
+
+class LoraLayer(TunerLayer):
+    """A base module plus any number of named LoRA adapters (peft's ``lora.Linear``/``Embedding``/``ConvNd``).
+
+    ``forward``: disabled -> base (unmerging first if merged); merged -> base; else ``base(x)`` plus,
+    for each active adapter in order, its LoRA (or DoRA) branch from ``peftcore.methods.lora``.
+    """
+
+    adapter_containers = _FACTOR_CONTAINERS
+    other_containers = ("lora_dropout",)
+    adapter_tables = ("r", "lora_alpha", "scaling", "use_dora", "lora_bias", "_dora_norms")
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        kind = layer_kind(base_layer)
+        if kind is None:
+            raise UnsupportedLayerError(
+                f"LoRA cannot adapt a {type(base_layer).__module__}.{type(base_layer).__name__}; supported: "
+                "torch.nn.Linear, transformers Conv1D, torch.nn.Embedding, torch.nn.Conv1d/Conv2d/Conv3d"
+            )
+        super().__init__(base_layer, kind)
+        self.fan_in_fan_out = kind == "conv1d_gpt2"
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+        self.lora_magnitude_vector = nn.ModuleDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.use_dora: dict[str, bool] = {}
+        self.lora_bias: dict[str, bool] = {}
+        self._dora_norms: dict[str, torch.Tensor] = {}
+        if kind == "conv1d_gpt2" and type(base_layer).__module__ == "transformers.pytorch_utils":
+            _FRESH_OUTPUT_TYPES.add(type(base_layer))
+        if kind in ("linear", "conv1d_gpt2"):
+            weight = base_layer.weight
+            self.in_features, self.out_features = weight.shape[::-1] if kind == "linear" else weight.shape
+        elif kind == "embedding":
+            self.in_features, self.out_features = base_layer.num_embeddings, base_layer.embedding_dim
+        else:
+            self.in_features, self.out_features = base_layer.in_channels, base_layer.out_channels
+
+    @classmethod
+    def wrap(cls, target: nn.Module, *, key: str, config: Any) -> LoraLayer:
+        """A new ``LoraLayer`` around ``target`` (``config.fan_in_fan_out`` corrected with peft's warnings)."""
+        if layer_kind(target) is None:
+            raise UnsupportedLayerError(
+                f"Target module {key!r} is a {type(target).__module__}.{type(target).__name__}, which LoRA "
+                "cannot adapt. Supported: torch.nn.Linear, transformers Conv1D, torch.nn.Embedding, "
+                "torch.nn.Conv1d/Conv2d/Conv3d"
+            )
+        check_fan_in_fan_out(config, target)
+        return cls(target)
+
+    @property
+    def adapter_names(self) -> list[str]:
+        """Names of the adapters this layer holds, in insertion order."""
+        return list(self.r)
+
+    def add_adapter(self, adapter_name: str, *, key: str, config: Any, sampler: Sampler,
+                    autocast_adapter_dtype: bool = True) -> None:
+        """``update_layer`` with this module's rank and alpha after ``rank_pattern``/``alpha_pattern``."""
+        r, lora_alpha = resolve_rank_alpha(config, key)
+        self.update_layer(adapter_name, r=r, lora_alpha=lora_alpha, config=config, sampler=sampler,
+                          autocast_adapter_dtype=autocast_adapter_dtype)
 
     def update_layer(
         self,
@@ -302,47 +424,6 @@ class LoraLayer(nn.Module):
         if self.kind == "conv":
             return dora.conv_magnitude_init(weight, lora_A, lora_B, scaling=scaling)
         return dora.magnitude_init(weight, lora_A, lora_B, scaling=scaling, fan_in_fan_out=self.fan_in_fan_out)
-
-    def _adapter_parameters(self, adapter_name: str) -> list[nn.Parameter]:
-        params = []
-        for name in _FACTOR_CONTAINERS:
-            container = getattr(self, name)
-            if adapter_name in container:
-                entry = container[adapter_name]
-                params.extend(entry.parameters() if isinstance(entry, nn.Module) else [entry])
-        return params
-
-    def set_adapter(self, adapter_names: str | list[str], *, inference_mode: bool = False) -> None:
-        """Activate ``adapter_names`` (in order); only their parameters require grad (none in inference mode)."""
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        for adapter in self.r:
-            trainable = adapter in names and not inference_mode
-            for param in self._adapter_parameters(adapter):
-                param.requires_grad_(trainable)
-        self._active_adapters = names
-
-    def enable_adapters(self, enabled: bool) -> None:
-        """peft's ``enable_adapters``: disabling also stops gradients to every adapter parameter."""
-        if enabled:
-            self.set_adapter(self._active_adapters)
-            self._disable_adapters = False
-        else:
-            for adapter in self.r:
-                for param in self._adapter_parameters(adapter):
-                    param.requires_grad_(False)
-            self._disable_adapters = True
-
-    def delete_adapter(self, adapter_name: str) -> None:
-        """Remove ``adapter_name``; a merged adapter must be unmerged first."""
-        if adapter_name in self.merged_adapters:
-            raise MergeError(f"adapter {adapter_name!r} is merged into this layer; unmerge it before deleting it")
-        for name in (*_FACTOR_CONTAINERS, "lora_dropout"):
-            container = getattr(self, name)
-            if adapter_name in container:
-                del container[adapter_name]
-        for table in (self.r, self.lora_alpha, self.scaling, self.use_dora, self.lora_bias, self._dora_norms):
-            table.pop(adapter_name, None)
-        self._active_adapters = [name for name in self._active_adapters if name != adapter_name]
 
     # -- forward ---------------------------------------------------------------------------------
 
@@ -576,9 +657,6 @@ class LoraLayer(nn.Module):
         for adapter_name in reversed(self.merged_adapters):
             weight = self._unmerged_weight(weight, adapter_name)
         return weight
-
-    def extra_repr(self) -> str:
-        return f"kind={self.kind!r}, adapters={self.adapter_names}, active={self._active_adapters}"
 
 
 class ModulesToSaveWrapper(nn.Module):

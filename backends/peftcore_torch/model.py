@@ -1,7 +1,11 @@
-"""``PeftModel`` / ``LoraModel`` / ``get_peft_model``: peft's model-level API over ``LoraLayer``s.
+"""``PeftModel`` / ``TunerModel`` / ``LoraModel`` / ``get_peft_model``: peft's model-level API over adapter layers.
 
-The module tree is peft's (``PeftModel.base_model`` is a ``LoraModel`` whose ``.model`` is the user's
-model), so state-dict keys read ``base_model.model.<path>...`` exactly as peft's do.
+The module tree is peft's (``PeftModel.base_model`` is the method's tuner model, e.g. a ``LoraModel``,
+whose ``.model`` is the user's model), so state-dict keys read ``base_model.model.<path>...`` exactly
+as peft's do. The tuner class comes from the method table (``peftcore_torch.methods``); ``TunerModel``
+holds what every method shares, ``LoraModel`` adds LoRA's mixed batches and weighted adapters
+(``IA3Model`` and ``AdaLoraModel`` live in ``ia3.py`` / ``adalora.py``). Prompt-learning configs
+are handed to ``peftcore_torch.prompt_learning``, imported on first use.
 """
 
 from __future__ import annotations
@@ -19,48 +23,66 @@ import array_api_compat.torch as torch_xp
 import torch
 from torch import nn
 
+from peftcore.config import PeftConfig
 from peftcore.constants import EMBEDDING_LAYER_NAMES, TASK_TYPE_MODULES_TO_SAVE
 from peftcore.errors import AdapterFileError, ConfigError, MergeError, PeftcoreError
 from peftcore.io import load_adapter as _read_adapter
 from peftcore.io import save_adapter as _write_adapter
-from peftcore.methods.lora import LoraConfig, weighted
+from peftcore.methods.lora import weighted
 from peftcore.naming import DEFAULT_ADAPTER_NAME
 from peftcore.random import Sampler
 from peftcore_torch.inject import adapter_layers, inject_adapter, set_active_adapters
-from peftcore_torch.layers import BASE_ADAPTER_NAME, LoraLayer, ModulesToSaveWrapper, adapter_names_context
+from peftcore_torch.layers import (
+    BASE_ADAPTER_NAME,
+    LoraLayer,
+    ModulesToSaveWrapper,
+    TunerLayer,
+    adapter_names_context,
+)
+from peftcore_torch.methods import TorchMethod, register_torch_method, torch_method
 from peftcore_torch.state import LoadReport, get_peft_model_state_dict, set_peft_model_state_dict
 
-__all__ = ["LoraModel", "PeftModel", "get_peft_model"]
+__all__ = ["LoraModel", "PeftModel", "TunerModel", "get_peft_model"]
 
 
 def get_peft_model(
     model: nn.Module,
-    peft_config: LoraConfig,
+    peft_config: PeftConfig,
     adapter_name: str = DEFAULT_ADAPTER_NAME,
     *,
     autocast_adapter_dtype: bool = True,
     sampler: Sampler | None = None,
-) -> PeftModel:
-    """Wrap ``model`` (any ``nn.Module``) with a LoRA adapter (``peft.get_peft_model``).
+    tokenizer: Any = None,
+) -> nn.Module:
+    """Wrap ``model`` (any ``nn.Module``) with an adapter (``peft.get_peft_model``): LoRA, (IA)³, AdaLoRA,
+    or a prompt-learning method (handed to ``peftcore_torch.prompt_learning``; ``tokenizer`` serves
+    ``PromptTuningInit.TEXT``, where peft would download ``tokenizer_name_or_path`` from the hub).
 
     The base is frozen; float16/bfloat16 bases get float32 adapters unless ``autocast_adapter_dtype=False``;
     random initialisations draw from torch's global RNG (or ``sampler``).
     """
     peft_config.base_model_name_or_path = model.__dict__.get("name_or_path", None) or None
+    if getattr(peft_config, "is_prompt_learning", False):
+        from peftcore_torch import prompt_learning
+
+        extra = {key: value for key, value in dict(sampler=sampler, tokenizer=tokenizer).items() if value is not None}
+        return prompt_learning.get_prompt_learning_model(model, peft_config, adapter_name=adapter_name, **extra)
+    if tokenizer is not None:
+        raise ConfigError(f"tokenizer= serves prompt tuning's TEXT init only; {peft_config.peft_type} takes none")
     return PeftModel(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
                      sampler=sampler)
 
 
-class LoraModel(nn.Module):
-    """peft's tuner module: holds the user model as ``.model`` and manages its adapter layers."""
+class TunerModel(nn.Module):
+    """peft's ``BaseTuner``: holds the user model as ``.model`` and manages its adapter layers (any method)."""
 
-    prefix = "lora_"
+    prefix = ""
 
-    def __init__(self, model: nn.Module, peft_config: LoraConfig | dict[str, LoraConfig], adapter_name: str, *,
+    def __init__(self, model: nn.Module, peft_config: PeftConfig | dict[str, PeftConfig], adapter_name: str, *,
                  autocast_adapter_dtype: bool = True, sampler: Sampler | None = None) -> None:
         super().__init__()
         self.model = model
-        self.peft_config: dict[str, LoraConfig] = {}
+        self.peft_config: dict[str, PeftConfig] = {}
         self.active_adapters: list[str] = [adapter_name]
         configs = peft_config if isinstance(peft_config, dict) else {adapter_name: peft_config}
         for name, config in configs.items():
@@ -85,6 +107,114 @@ class LoraModel(nn.Module):
             if name == "model" or name.startswith("_"):
                 raise
             return getattr(self.model, name)
+
+    @contextlib.contextmanager
+    def mixed_batch(self, adapter_names: Sequence[str] | None, *, num_beams: int | None = None) -> Iterator[None]:
+        """Mixed-adapter batches are LoRA's (peft's other tuners have no ``adapter_names``); ``None`` is a no-op."""
+        if adapter_names is not None:
+            raise ConfigError(f"{type(self).__name__} does not support mixed-adapter batches (`adapter_names`); "
+                              "peft supports them for LoRA only")
+        yield
+
+    def inject_adapter(self, adapter_name: str, config: PeftConfig, *, autocast_adapter_dtype: bool = True,
+                       sampler: Sampler | None = None) -> None:
+        _add_task_heads_to_modules_to_save(config)
+        _check_tied_embeddings(self.model, config)
+        inject_adapter(self.model, config, adapter_name, active_adapters=self.active_adapters,
+                       configs=self.peft_config, autocast_adapter_dtype=autocast_adapter_dtype, sampler=sampler)
+
+    def _layers(self) -> list[tuple[str, TunerLayer | ModulesToSaveWrapper]]:
+        return adapter_layers(self.model)
+
+    def set_adapter(self, adapter_name: str | list[str], *, inference_mode: bool = False) -> None:
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        unknown = [name for name in names if name not in self.peft_config]
+        if unknown:
+            raise ConfigError(f"adapter(s) {unknown} not found; known adapters: {sorted(self.peft_config)}")
+        for _, layer in self._layers():
+            if isinstance(layer, TunerLayer) and layer.merged:
+                warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.")
+                layer.unmerge()
+        self.active_adapters = names
+        set_active_adapters(self.model, names, inference_mode=inference_mode)
+
+    def enable_adapter_layers(self) -> None:
+        for _, layer in self._layers():
+            layer.enable_adapters(True)
+
+    def disable_adapter_layers(self) -> None:
+        for name in self.active_adapters:
+            bias = getattr(self.peft_config[name], "bias", "none")
+            if bias != "none":
+                warnings.warn(
+                    f"Careful, disabling adapter layers with bias configured to be '{bias}' does not produce the "
+                    "same output as the base model would without adaption."
+                )
+        for _, layer in self._layers():
+            layer.enable_adapters(False)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name not in self.peft_config:
+            raise ConfigError(f"adapter {adapter_name!r} does not exist; known adapters: {sorted(self.peft_config)}")
+        merged_in = [name for name, layer in self._layers()
+                     if isinstance(layer, TunerLayer) and adapter_name in layer.merged_adapters]
+        if merged_in:
+            raise MergeError(f"adapter {adapter_name!r} is merged into {merged_in[:5]}; unmerge it before deleting it")
+        del self.peft_config[adapter_name]
+        for _, layer in self._layers():
+            layer.delete_adapter(adapter_name)
+        if adapter_name in self.active_adapters:
+            remaining = [name for name in self.active_adapters if name != adapter_name]
+            if not remaining and self.peft_config:
+                remaining = [next(iter(self.peft_config))]
+                warnings.warn(f"Adapter {adapter_name} was active which is now deleted. Setting active adapter to "
+                              f"{remaining[0]}.")
+            self.active_adapters = remaining
+            set_active_adapters(self.model, remaining)
+
+    def add_weighted_adapter(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError(f"{type(self).__name__} does not support add_weighted_adapter method.")
+
+    def merge_adapter(self, adapter_names: list[str] | None = None, *, safe_merge: bool = False) -> None:
+        for name, layer in self._layers():
+            if isinstance(layer, TunerLayer):
+                layer.merge(safe_merge=safe_merge, adapter_names=adapter_names, name=name)
+
+    def unmerge_adapter(self) -> None:
+        for _, layer in self._layers():
+            if isinstance(layer, TunerLayer):
+                layer.unmerge()
+
+    def _unload(self, *, merge: bool, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
+        if merge:
+            self.merge_adapter(adapter_names, safe_merge=safe_merge)
+        # deepest first, so a wrapper inside another is replaced before its parent's copy is picked
+        for name, layer in reversed(self._layers()):
+            if isinstance(layer, TunerLayer):
+                replacement = layer.get_base_layer()
+            else:
+                replacement = layer.active_module() if layer.active_adapters else layer.original_module
+            parent_name, _, child = name.rpartition(".")
+            parent = self.model.get_submodule(parent_name) if parent_name else self.model
+            setattr(parent, child, replacement)
+        if "peft_config" in self.model.__dict__:
+            del self.model.peft_config
+        if merge:
+            _untie_config_if_diverged(self.model)
+        return self.model
+
+    def merge_and_unload(self, *, progressbar: bool = False, safe_merge: bool = False,
+                         adapter_names: list[str] | None = None) -> nn.Module:
+        return self._unload(merge=True, safe_merge=safe_merge, adapter_names=adapter_names)
+
+    def unload(self) -> nn.Module:
+        return self._unload(merge=False)
+
+
+class LoraModel(TunerModel):
+    """peft's ``LoraModel``: ``TunerModel`` plus mixed-adapter batches and ``add_weighted_adapter``."""
+
+    prefix = "lora_"
 
     # -- mixed-adapter batches -------------------------------------------------------------------
 
@@ -122,62 +252,6 @@ class LoraModel(nn.Module):
             assignment.update({m: list(adapter_names) for m in encoder.modules() if m in assignment})
         with adapter_names_context(assignment):
             yield
-
-    def inject_adapter(self, adapter_name: str, config: LoraConfig, *, autocast_adapter_dtype: bool = True,
-                       sampler: Sampler | None = None) -> None:
-        _add_task_heads_to_modules_to_save(config)
-        _check_tied_embeddings(self.model, config)
-        inject_adapter(self.model, config, adapter_name, active_adapters=self.active_adapters,
-                       configs=self.peft_config, autocast_adapter_dtype=autocast_adapter_dtype, sampler=sampler)
-
-    def _layers(self) -> list[tuple[str, LoraLayer | ModulesToSaveWrapper]]:
-        return adapter_layers(self.model)
-
-    def set_adapter(self, adapter_name: str | list[str], *, inference_mode: bool = False) -> None:
-        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
-        unknown = [name for name in names if name not in self.peft_config]
-        if unknown:
-            raise ConfigError(f"adapter(s) {unknown} not found; known adapters: {sorted(self.peft_config)}")
-        for _, layer in self._layers():
-            if isinstance(layer, LoraLayer) and layer.merged:
-                warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.")
-                layer.unmerge()
-        self.active_adapters = names
-        set_active_adapters(self.model, names, inference_mode=inference_mode)
-
-    def enable_adapter_layers(self) -> None:
-        for _, layer in self._layers():
-            layer.enable_adapters(True)
-
-    def disable_adapter_layers(self) -> None:
-        for name in self.active_adapters:
-            bias = getattr(self.peft_config[name], "bias", "none")
-            if bias != "none":
-                warnings.warn(
-                    f"Careful, disabling adapter layers with bias configured to be '{bias}' does not produce the "
-                    "same output as the base model would without adaption."
-                )
-        for _, layer in self._layers():
-            layer.enable_adapters(False)
-
-    def delete_adapter(self, adapter_name: str) -> None:
-        if adapter_name not in self.peft_config:
-            raise ConfigError(f"adapter {adapter_name!r} does not exist; known adapters: {sorted(self.peft_config)}")
-        merged_in = [name for name, layer in self._layers()
-                     if isinstance(layer, LoraLayer) and adapter_name in layer.merged_adapters]
-        if merged_in:
-            raise MergeError(f"adapter {adapter_name!r} is merged into {merged_in[:5]}; unmerge it before deleting it")
-        del self.peft_config[adapter_name]
-        for _, layer in self._layers():
-            layer.delete_adapter(adapter_name)
-        if adapter_name in self.active_adapters:
-            remaining = [name for name in self.active_adapters if name != adapter_name]
-            if not remaining and self.peft_config:
-                remaining = [next(iter(self.peft_config))]
-                warnings.warn(f"Adapter {adapter_name} was active which is now deleted. Setting active adapter to "
-                              f"{remaining[0]}.")
-            self.active_adapters = remaining
-            set_active_adapters(self.model, remaining)
 
     def add_weighted_adapter(
         self,
@@ -278,55 +352,25 @@ class LoraModel(nn.Module):
             raise ConfigError(f"Invalid type {target_types.pop()} found in target_modules")
         return combination_type, new_rank, set().union(*(config.target_modules for config in configs))
 
-    def merge_adapter(self, adapter_names: list[str] | None = None, *, safe_merge: bool = False) -> None:
-        for name, layer in self._layers():
-            if isinstance(layer, LoraLayer):
-                layer.merge(safe_merge=safe_merge, adapter_names=adapter_names, name=name)
 
-    def unmerge_adapter(self) -> None:
-        for _, layer in self._layers():
-            if isinstance(layer, LoraLayer):
-                layer.unmerge()
-
-    def _unload(self, *, merge: bool, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
-        if merge:
-            self.merge_adapter(adapter_names, safe_merge=safe_merge)
-        # deepest first, so a wrapper inside another is replaced before its parent's copy is picked
-        for name, layer in reversed(self._layers()):
-            if isinstance(layer, LoraLayer):
-                replacement = layer.get_base_layer()
-            else:
-                replacement = layer.active_module() if layer.active_adapters else layer.original_module
-            parent_name, _, child = name.rpartition(".")
-            parent = self.model.get_submodule(parent_name) if parent_name else self.model
-            setattr(parent, child, replacement)
-        if "peft_config" in self.model.__dict__:
-            del self.model.peft_config
-        if merge:
-            _untie_config_if_diverged(self.model)
-        return self.model
-
-    def merge_and_unload(self, *, progressbar: bool = False, safe_merge: bool = False,
-                         adapter_names: list[str] | None = None) -> nn.Module:
-        return self._unload(merge=True, safe_merge=safe_merge, adapter_names=adapter_names)
-
-    def unload(self) -> nn.Module:
-        return self._unload(merge=False)
+LORA = register_torch_method(TorchMethod(peft_type="LORA", layer_cls=LoraLayer, tuner_cls=LoraModel))
 
 
 class PeftModel(nn.Module):
-    """A model with LoRA adapters, as ``peft.PeftModel``: forward passes through, adapters are managed here."""
+    """A model with adapters, as ``peft.PeftModel``: forward passes through the method's tuner model
+    (``base_model``: ``LoraModel``, ``IA3Model``, ``AdaLoraModel``), adapters are managed here."""
 
-    def __init__(self, model: nn.Module, peft_config: LoraConfig, adapter_name: str = DEFAULT_ADAPTER_NAME, *,
+    def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = DEFAULT_ADAPTER_NAME, *,
                  autocast_adapter_dtype: bool = True, sampler: Sampler | None = None) -> None:
         super().__init__()
-        self.base_model = LoraModel(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+        tuner_cls = torch_method(peft_config).tuner_cls
+        self.base_model = tuner_cls(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
                                     sampler=sampler)
 
     # -- pass-through ----------------------------------------------------------------------------
 
     @property
-    def peft_config(self) -> dict[str, LoraConfig]:
+    def peft_config(self) -> dict[str, PeftConfig]:
         return self.base_model.peft_config
 
     @property
@@ -338,19 +382,16 @@ class PeftModel(nn.Module):
         return list(self.base_model.active_adapters)
 
     @property
-    def active_peft_config(self) -> LoraConfig:
+    def active_peft_config(self) -> PeftConfig:
         return self.peft_config[self.base_model.active_adapters[0]]
 
     def get_base_model(self) -> nn.Module:
         return self.base_model.model
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        """The base model's forward; ``adapter_names=[...]`` (one per sample) runs a mixed-adapter batch."""
-        adapter_names = kwargs.pop("adapter_names", None)
-        if adapter_names is None:
-            return self.get_base_model()(*args, **kwargs)
-        with self.base_model.mixed_batch(adapter_names):
-            return self.get_base_model()(*args, **kwargs)
+        """The tuner model's forward (the base model's, plus AdaLoRA's regulariser on the loss);
+        ``adapter_names=[...]`` (one per sample) runs a mixed-adapter batch (LoRA)."""
+        return self.base_model.forward(*args, **kwargs)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """The base model's ``generate``; ``adapter_names=[...]`` picks an adapter per prompt."""
@@ -386,7 +427,7 @@ class PeftModel(nn.Module):
 
     # -- adapters --------------------------------------------------------------------------------
 
-    def add_adapter(self, adapter_name: str, peft_config: LoraConfig, *, autocast_adapter_dtype: bool = True,
+    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, *, autocast_adapter_dtype: bool = True,
                     sampler: Sampler | None = None) -> None:
         """Add an inactive adapter (``set_adapter`` activates it), as peft's ``add_adapter``."""
         peft_config.base_model_name_or_path = self.get_base_model().__dict__.get("name_or_path", None) or None
@@ -397,13 +438,10 @@ class PeftModel(nn.Module):
         self.base_model.set_adapter(adapter_name, inference_mode=inference_mode)
 
     def add_weighted_adapter(self, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,
-                             combination_type: Literal["svd", "linear", "cat"] = "svd", svd_rank: int | None = None,
-                             svd_clamp: float | None = None, svd_full_matrices: bool = True,
-                             svd_driver: str | None = None) -> None:
-        """Add ``adapter_name`` combining ``adapters`` with ``weights`` (see ``LoraModel.add_weighted_adapter``)."""
-        self.base_model.add_weighted_adapter(adapters, weights, adapter_name, combination_type, svd_rank=svd_rank,
-                                             svd_clamp=svd_clamp, svd_full_matrices=svd_full_matrices,
-                                             svd_driver=svd_driver)
+                             *args: Any, **kwargs: Any) -> None:
+        """Add ``adapter_name`` combining ``adapters`` with ``weights`` (the tuner's ``add_weighted_adapter``:
+        ``LoraModel``'s takes ``combination_type``/``svd_*`` options, ``IA3Model``'s none)."""
+        self.base_model.add_weighted_adapter(adapters, weights, adapter_name, *args, **kwargs)
 
     def delete_adapter(self, adapter_name: str) -> None:
         self.base_model.delete_adapter(adapter_name)
@@ -455,17 +493,26 @@ class PeftModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = DEFAULT_ADAPTER_NAME,
-                        is_trainable: bool = False, config: LoraConfig | None = None, *,
+                        is_trainable: bool = False, config: PeftConfig | None = None, *,
                         autocast_adapter_dtype: bool = True, strict: bool = True, sampler: Sampler | None = None,
-                        subfolder: str | None = None) -> PeftModel:
+                        subfolder: str | None = None) -> nn.Module:
         """Load the adapter saved in ``model_id`` (a local folder) onto ``model`` (peft's ``from_pretrained``).
 
         ``is_trainable=False`` puts the model in eval mode with frozen adapters. Loading is strict:
-        see ``set_peft_model_state_dict``.
+        see ``set_peft_model_state_dict``. A prompt-learning adapter is handed to
+        ``peftcore_torch.prompt_learning.load_prompt_learning_model``.
         """
+        saved_config = PeftConfig.from_pretrained(model_id, subfolder=subfolder) if config is None else config
+        if getattr(saved_config, "is_prompt_learning", False):
+            from peftcore_torch import prompt_learning
+
+            extra = {key: value for key, value in dict(config=config, subfolder=subfolder, sampler=sampler).items()
+                     if value is not None}
+            return prompt_learning.load_prompt_learning_model(model, model_id, adapter_name=adapter_name,
+                                                              is_trainable=is_trainable, strict=strict, **extra)
+        torch_method(saved_config)
         loaded = _read_adapter(model_id, subfolder=subfolder, xp=torch_xp)
         config = loaded.config if config is None else config
-        _check_lora(config, where=str(loaded.path))
         config.inference_mode = not is_trainable
         peft_model = cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype, sampler=sampler)
         set_peft_model_state_dict(peft_model, loaded.state_dict, adapter_name, strict=strict)
@@ -480,7 +527,7 @@ class PeftModel(nn.Module):
         if adapter_name in self.peft_config:
             raise ConfigError(f"adapter {adapter_name!r} already exists; pick another adapter_name")
         loaded = _read_adapter(model_id, subfolder=subfolder, xp=torch_xp)
-        _check_lora(loaded.config, where=str(loaded.path))
+        torch_method(loaded.config)
         loaded.config.inference_mode = not is_trainable
         self.base_model.inject_adapter(adapter_name, loaded.config, autocast_adapter_dtype=autocast_adapter_dtype)
         try:
@@ -493,12 +540,14 @@ class PeftModel(nn.Module):
         return report
 
 
-def _add_task_heads_to_modules_to_save(config: LoraConfig) -> None:
-    """Task heads join ``modules_to_save`` (peft's task models: SEQ_CLS/TOKEN_CLS classifier, QA qa_outputs)."""
+def _add_task_heads_to_modules_to_save(config: PeftConfig) -> None:
+    """Task heads join ``modules_to_save`` (peft's task models: SEQ_CLS/TOKEN_CLS classifier, QA qa_outputs).
+
+    Appended without removing repeats, exactly as peft's ``extend`` (the saved config lists them so).
+    """
     heads = TASK_TYPE_MODULES_TO_SAVE.get(str(config.task_type) if config.task_type is not None else "", ())
     if heads:
-        present = list(config.modules_to_save or [])
-        config.modules_to_save = present + [name for name in heads if name not in present]
+        config.modules_to_save = list(config.modules_to_save or []) + list(heads)
 
 
 def _tied_output_embedding(model: nn.Module) -> bool:
@@ -514,7 +563,7 @@ def _tied_output_embedding(model: nn.Module) -> bool:
     return out_w is not None and in_w is not None and out_w.data_ptr() == in_w.data_ptr()
 
 
-def _check_tied_embeddings(model: nn.Module, config: LoraConfig) -> None:
+def _check_tied_embeddings(model: nn.Module, config: PeftConfig) -> None:
     """Warn, as peft does, when an adapter touches embeddings tied to the output layer.
 
     peft can keep such adapters tied (``ensure_weight_tying=True``); peftcore does not yet, and says so
@@ -531,7 +580,7 @@ def _check_tied_embeddings(model: nn.Module, config: LoraConfig) -> None:
         names += list(targets or [])
         touches = False
     touches = touches or any(name.split(".")[-1] in EMBEDDING_LAYER_NAMES for name in names)
-    if config.ensure_weight_tying:
+    if getattr(config, "ensure_weight_tying", False):
         raise ConfigError("ensure_weight_tying=True is not supported by peftcore_torch yet: the tied output "
                           "layer would not share the adapter")
     if touches and _tied_output_embedding(model):
@@ -558,12 +607,6 @@ def _untie_config_if_diverged(model: nn.Module) -> None:
         config.tie_word_embeddings = False
         warnings.warn("Input and output embeddings are no longer tied after merging. "
                       "Setting `tie_word_embeddings=False` in the model config.")
-
-
-def _check_lora(config: Any, *, where: str) -> None:
-    peft_type = getattr(config.peft_type, "value", config.peft_type)
-    if peft_type != "LORA" or not isinstance(config, LoraConfig):
-        raise ConfigError(f"{where}: peft_type is {peft_type!r}; peftcore_torch loads LoRA adapters only")
 
 
 def _encoder(model: nn.Module) -> nn.Module | None:

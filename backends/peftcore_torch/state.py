@@ -1,5 +1,8 @@
 """Adapter state dicts in peft's on-disk naming (``get_peft_model_state_dict`` / ``set_peft_model_state_dict``).
 
+Any method of ``peftcore_torch.methods``; its hooks cut AdaLoRA's saved triplets to the kept ranks and
+rebuild its layers at those ranks before a load.
+
 In memory keys carry the adapter name (``...q_proj.lora_A.default.weight``); checkpoints drop it
 (``...q_proj.lora_A.weight``). The key grammar is ``peftcore.naming``; this file only knows which
 torch modules hold which adapter.
@@ -16,14 +19,12 @@ import torch
 from torch import nn
 
 from peftcore.constants import EMBEDDING_LAYER_NAMES, INCLUDE_LINEAR_LAYERS_SHORTHAND
-from peftcore.errors import ConfigError, IncompatibleKeysError, ShapeMismatchError
+from peftcore.errors import IncompatibleKeysError, ShapeMismatchError
 from peftcore.naming import BASE_MODEL_PREFIX, insert_adapter_name, remove_adapter_name
-from peftcore_torch.layers import LoraLayer, ModulesToSaveWrapper
+from peftcore_torch.layers import ModulesToSaveWrapper, TunerLayer
+from peftcore_torch.methods import torch_method
 
 __all__ = ["LoadReport", "get_peft_model_state_dict", "set_peft_model_state_dict"]
-
-_LORA_CONTAINERS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
-
 
 class LoadReport(NamedTuple):
     """What ``set_peft_model_state_dict(strict=False)`` could not load.
@@ -45,13 +46,13 @@ def _join(prefix: str, name: str) -> str:
 
 
 def _adapter_keys(model: nn.Module, adapter_name: str) -> list[str]:
-    """In-memory keys of ``adapter_name``'s LoRA tensors, found structurally (never by substring)."""
+    """In-memory keys of ``adapter_name``'s adapter tensors, found structurally (never by substring)."""
     keys = []
     for name, module in model.named_modules():
-        if isinstance(module, LoraLayer) and adapter_name in module.adapter_names:
+        if isinstance(module, TunerLayer) and adapter_name in module.adapter_names:
             for param_name, _ in module.named_parameters():
                 container, _, rest = param_name.partition(".")
-                if container in _LORA_CONTAINERS and rest.partition(".")[0] == adapter_name:
+                if container in module.adapter_containers and rest.partition(".")[0] == adapter_name:
                     keys.append(_join(name, param_name))
     return keys
 
@@ -105,20 +106,24 @@ def get_peft_model_state_dict(
 ) -> dict[str, torch.Tensor]:
     """Checkpoint-named tensors of ``adapter_name`` (peft's ``get_peft_model_state_dict``).
 
-    LoRA factors (and DoRA magnitudes, renamed as peft does), biases per ``bias``, ``modules_to_save``
+    Adapter tensors (LoRA factors and DoRA magnitudes renamed as peft does, (IA)³ vectors, AdaLoRA
+    triplets cut to their kept ranks), biases per ``bias``, ``modules_to_save``
     copies (saved under the wrapped module's own name) and, for ``save_embedding_layers`` (``"auto"``:
     an ``EMBEDDING_LAYER_NAMES`` entry is targeted), the embedding base weights.
     """
     config = _config_of(model, adapter_name)
+    method = torch_method(config)
     state_dict = model.state_dict() if state_dict is None else state_dict
     selected = {key: state_dict[key] for key in _adapter_keys(model, adapter_name)}
+    if method.saved_state is not None:
+        selected = method.saved_state(model, config, adapter_name, selected)
 
     bias = getattr(config, "bias", "none")
     if bias == "all":
         selected.update({k: v for k, v in state_dict.items() if k == "bias" or k.endswith(".bias")})
     elif bias == "lora_only":
         for name, module in model.named_modules():
-            if isinstance(module, LoraLayer) and adapter_name in module.adapter_names:
+            if isinstance(module, TunerLayer) and adapter_name in module.adapter_names:
                 key = _join(name, "base_layer.bias")
                 if key in state_dict:
                     selected[key] = state_dict[key]
@@ -134,7 +139,7 @@ def get_peft_model_state_dict(
     if save_embedding_layers:
         selected.update(_embedding_state(model, state_dict, targeted=targeted))
 
-    renamed = {remove_adapter_name(k, adapter_name, peft_type="LORA"): v for k, v in selected.items()}
+    renamed = {remove_adapter_name(k, adapter_name, peft_type=method.peft_type): v for k, v in selected.items()}
     renamed.update(extras)
     return renamed
 
@@ -147,7 +152,8 @@ def _config_of(model: nn.Module, adapter_name: str) -> Any:
     return configs[adapter_name]
 
 
-def _model_keys(model: nn.Module, state_dict: Mapping[str, Any], adapter_name: str) -> dict[str, Any]:
+def _model_keys(model: nn.Module, state_dict: Mapping[str, Any], adapter_name: str, *,
+                peft_type: str) -> dict[str, Any]:
     """Checkpoint ``state_dict`` mapped to the model's in-memory keys for ``adapter_name``."""
     uses_prefix = any(n.startswith(BASE_MODEL_PREFIX) for n, _ in model.named_parameters())
     wrapper_keys = _modules_to_save_keys(model, adapter_name)
@@ -158,7 +164,7 @@ def _model_keys(model: nn.Module, state_dict: Mapping[str, Any], adapter_name: s
         if key in wrapper_keys:
             mapped[wrapper_keys[key]] = value
         else:
-            mapped[insert_adapter_name(key, adapter_name, peft_type="LORA", strict=False)] = value
+            mapped[insert_adapter_name(key, adapter_name, peft_type=peft_type, strict=False)] = value
     return mapped
 
 
@@ -171,7 +177,7 @@ def set_peft_model_state_dict(
 ) -> LoadReport:
     """Copy a checkpoint-named state dict into adapter ``adapter_name`` (peft's ``set_peft_model_state_dict``).
 
-    Every LoRA tensor and ``modules_to_save`` copy of the adapter must be present with its exact shape;
+    Every adapter tensor and ``modules_to_save`` copy of the adapter must be present with its exact shape;
     other keys must name a tensor of the model (peft also stores embedding base weights and biases).
     ``strict=True`` (default) raises before writing anything: ``ShapeMismatchError`` naming each key
     with both shapes, then ``IncompatibleKeysError`` listing missing and unexpected keys. ``strict=False``
@@ -179,10 +185,10 @@ def set_peft_model_state_dict(
     parameter's dtype and device (fp32 adapters on a bf16 base stay fp32).
     """
     config = _config_of(model, adapter_name)
-    peft_type = getattr(config.peft_type, "value", config.peft_type)
-    if peft_type != "LORA":
-        raise ConfigError(f"adapter {adapter_name!r} has peft_type {peft_type!r}; peftcore_torch loads LoRA only")
-    mapped = _model_keys(model, peft_model_state_dict, adapter_name)
+    method = torch_method(config)
+    if method.before_load is not None:
+        method.before_load(model, config, adapter_name)
+    mapped = _model_keys(model, peft_model_state_dict, adapter_name, peft_type=method.peft_type)
     targets = dict(model.named_parameters(remove_duplicate=False))
     targets.update(dict(model.named_buffers(remove_duplicate=False)))
     required = _adapter_keys(model, adapter_name) + list(_modules_to_save_keys(model, adapter_name).values())

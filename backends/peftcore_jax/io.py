@@ -1,9 +1,11 @@
-"""Adapters <-> peft's adapter folders, through the core's key grammar and file I/O.
+"""Adapters <-> peft's adapter folders, through the core's key grammar and file I/O, for every method.
 
-Keys are exactly peft's for the same model: ``base_model.model.<module path>.<container>[.<param>]`` with
-``lora_A``/``lora_B`` (``.weight``, ``lora_B.bias`` with ``lora_bias``), ``lora_embedding_A``/``_B`` and DoRA's
-``lora_magnitude_vector`` (``peftcore.naming.checkpoint_key``). Loading checks every key against the
-modules the config targets in the parameter tree: a missing or unexpected key raises
+Keys are exactly peft's for the same model: ``base_model.model.<module path>.<container>[.<param>]``
+(``peftcore.naming.checkpoint_key``); which containers a module has is its method's (the method table's
+``state_dict`` / ``from_state_dict``): LoRA's ``lora_A``/``lora_B`` (``.weight``, ``lora_B.bias`` with
+``lora_bias``), ``lora_embedding_A``/``_B`` and DoRA's ``lora_magnitude_vector`` are here, (IA)³'s ``ia3_l`` and
+AdaLoRA's ``lora_A``/``lora_E``/``lora_B`` in ``peftcore_jax.ia3`` / ``.adalora``. Loading checks every key
+against the modules the config targets in the parameter tree: a missing or unexpected key raises
 ``IncompatibleKeysError`` naming it, a wrongly shaped array ``ShapeMismatchError`` naming the key and both
 shapes; nothing is ever zero-filled.
 
@@ -16,7 +18,7 @@ module and ``<m>.weight`` for an untargeted one, which ``from_pretrained`` loads
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,24 +28,36 @@ import numpy as np
 
 from peftcore import LoraConfig
 from peftcore import io as core_io
-from peftcore.errors import ConfigError, IncompatibleKeysError, ShapeMismatchError
+from peftcore.config import PeftConfig
+from peftcore.errors import IncompatibleKeysError, ShapeMismatchError
 from peftcore.matching import resolve_rank_alpha
 from peftcore.methods.lora import ops
 from peftcore.naming import BASE_MODEL_PREFIX, DEFAULT_ADAPTER_NAME, checkpoint_key
 from peftcore_jax.layout import Layout, from_core, get_layout, to_core
 from peftcore_jax.lora import target_modules
-from peftcore_jax.params import LoraAdapters, LoraParams
+from peftcore_jax.methods import get_method
+from peftcore_jax.params import Adapters, LoraAdapters, LoraParams
 from peftcore_jax.tree import Module, find_modules, leaf_paths, replace_leaves
 
-__all__ = ["adapters_from_state_dict", "adapter_state_dict", "load_adapter", "save_adapter"]
+__all__ = ["adapters_from_state_dict", "adapter_state_dict", "load_adapter", "load_modules", "lora_state_dict",
+           "save_adapter"]
 
 
 def _containers(kind: str) -> tuple[str, str]:
     return ("lora_embedding_A", "lora_embedding_B") if kind == "embedding" else ("lora_A", "lora_B")
 
 
-def adapter_state_dict(adapters: LoraAdapters, /) -> dict[str, jax.Array]:
-    """``{peft checkpoint key: array}`` of ``adapters`` (what peft's ``get_peft_model_state_dict`` returns)."""
+def adapter_state_dict(adapters: Adapters, /) -> dict[str, jax.Array]:
+    """``{peft checkpoint key: array}`` of ``adapters`` (what peft's ``get_peft_model_state_dict`` returns).
+
+    AdaLoRA adapters whose config holds a ``rank_pattern`` come back pruned to their kept triplets, as in peft.
+    """
+    state, _ = get_method(adapters.peft_type).state_dict(adapters)
+    return state
+
+
+def lora_state_dict(adapters: LoraAdapters, /) -> tuple[dict[str, jax.Array], LoraConfig]:
+    """LoRA/DoRA's ``(state dict, config)`` to save (the method table's entry)."""
     state = {}
     for path, lora in adapters.params.items():
         name_A, name_B = _containers(lora.kind)
@@ -53,14 +67,15 @@ def adapter_state_dict(adapters: LoraAdapters, /) -> dict[str, jax.Array]:
             state[checkpoint_key(path, "lora_B", "bias")] = lora.lora_B_bias
         if lora.lora_magnitude_vector is not None:
             state[checkpoint_key(path, "lora_magnitude_vector")] = lora.lora_magnitude_vector
-    return state
+    return state, adapters.config
 
 
-def save_adapter(directory: str | os.PathLike, adapters: LoraAdapters, /, *,
+def save_adapter(directory: str | os.PathLike, adapters: Adapters, /, *,
                  adapter_name: str | None = None) -> Path:
     """Write ``adapters`` as peft's ``save_pretrained`` does; returns the folder (``directory[/<adapter_name>]``)."""
     name = adapters.adapter_name if adapter_name is None else adapter_name
-    return core_io.save_adapter(directory, adapters.config, adapter_state_dict(adapters), adapter_name=name)
+    state, config = get_method(adapters.peft_type).state_dict(adapters)
+    return core_io.save_adapter(directory, config, state, adapter_name=name)
 
 
 def _expected_shapes(lora_kind: str, weight_shape: tuple[int, ...], *, r: int, a_shape: tuple[int, ...] | None,
@@ -81,14 +96,29 @@ def _expected_shapes(lora_kind: str, weight_shape: tuple[int, ...], *, r: int, a
             "m": (1, out_c, *ones)}
 
 
-def adapters_from_state_dict(state_dict: Mapping[str, Any], config: LoraConfig, params: Any, /, *,
+def adapters_from_state_dict(state_dict: Mapping[str, Any], config: PeftConfig, params: Any, /, *,
                              adapter_name: str = DEFAULT_ADAPTER_NAME, layout: str | Layout = "torch",
                              model_type: str | None = None, output_embedding_name: str | None = None,
-                             dtype: Any = None,
-                             with_base_weights: bool = False) -> LoraAdapters | tuple[Any, LoraAdapters]:
-    """``LoraAdapters`` from peft checkpoint keys, validated against the modules ``config`` targets in ``params``.
+                             dtype: Any = None, with_base_weights: bool = False) -> Adapters | tuple[Any, Adapters]:
+    """``Adapters`` from peft checkpoint keys for ``config``'s method, validated against the modules it targets.
 
-    Every targeted module must have all its keys (``lora_A``/``lora_B`` or ``lora_embedding_*``, plus
+    See ``load_modules`` for the checks and for saved base weights (LoRA's below).
+    """
+    return get_method(config.peft_type).from_state_dict(
+        state_dict, config, params, adapter_name=adapter_name, layout=layout, model_type=model_type,
+        output_embedding_name=output_embedding_name, dtype=dtype, with_base_weights=with_base_weights)
+
+
+def load_modules(state_dict: Mapping[str, Any], config: PeftConfig, params: Any, /, *, build: Callable[..., Any],
+                 adapter_name: str = DEFAULT_ADAPTER_NAME, layout: str | Layout = "torch",
+                 model_type: str | None = None, output_embedding_name: str | None = None, dtype: Any = None,
+                 with_base_weights: bool = False) -> Adapters | tuple[Any, Adapters]:
+    """``Adapters`` built module by module by ``build`` (a method's), with the key checks every method shares.
+
+    ``build(path, module, config, leaves, remaining, missing, *, layout, dtype)`` pops its module's keys from
+    ``remaining`` (or records absent ones in ``missing``) and returns the module's parameters (or None).
+
+    Every targeted module must have all its keys (LoRA: ``lora_A``/``lora_B`` or ``lora_embedding_*``, plus
     ``lora_B.bias`` with ``lora_bias`` and ``lora_magnitude_vector`` with ``use_dora``) at the shapes its base
     weight and ``r`` (after ``rank_pattern``) imply; every key must belong to a targeted module.
 
@@ -104,9 +134,9 @@ def adapters_from_state_dict(state_dict: Mapping[str, Any], config: LoraConfig, 
     leaves = leaf_paths(params)
     remaining, base_weights = _split_base_weights(state_dict, params, leaves, layout=layout)
     missing: list[str] = []
-    adapters: dict[str, LoraParams] = {}
+    adapters: dict[str, Any] = {}
     for path, module in targets.items():
-        found = _module_arrays(path, module, config, leaves, remaining, missing, layout=layout, dtype=dtype)
+        found = build(path, module, config, leaves, remaining, missing, layout=layout, dtype=dtype)
         if found is not None:
             adapters[path] = found
     problems = []
@@ -118,7 +148,7 @@ def adapters_from_state_dict(state_dict: Mapping[str, Any], config: LoraConfig, 
         )
     if problems:
         raise IncompatibleKeysError(f"adapter {adapter_name!r} does not fit the parameter tree: " + "; ".join(problems))
-    loaded = LoraAdapters.create(adapters, config, adapter_name=adapter_name, layout=layout)
+    loaded = Adapters.create(adapters, config, adapter_name=adapter_name, layout=layout)
     if with_base_weights:
         new_params = replace_leaves(params, {path: value for path, (_, value) in base_weights.items()}) \
             if base_weights else params
@@ -176,8 +206,9 @@ def _equal(loaded: jax.Array, stored: Any) -> bool:
     return bool(np.array_equal(np.asarray(loaded), np.asarray(stored)))
 
 
-def _module_arrays(path: str, module: Module, config: LoraConfig, leaves: dict, remaining: dict,
-                   missing: list[str], *, layout: Layout, dtype: Any) -> LoraParams | None:
+def lora_module(path: str, module: Module, config: LoraConfig, leaves: dict, remaining: dict,
+                missing: list[str], *, layout: Layout, dtype: Any) -> LoraParams | None:
+    """One LoRA/DoRA module from the checkpoint keys (``load_modules``' ``build``)."""
     spec = layout.with_fan_in_fan_out(module.spec, config.fan_in_fan_out)
     stored = leaves[module.weight_path]
     weight_shape = tuple(stored.shape) if spec.kind == "linear" else tuple(to_core(stored, spec).shape)
@@ -213,16 +244,14 @@ def _module_arrays(path: str, module: Module, config: LoraConfig, leaves: dict, 
 def load_adapter(directory: str | os.PathLike, params: Any, /, *, adapter_name: str = DEFAULT_ADAPTER_NAME,
                  layout: str | Layout = "torch", model_type: str | None = None,
                  output_embedding_name: str | None = None, dtype: Any = None,
-                 with_base_weights: bool = False) -> LoraAdapters | tuple[Any, LoraAdapters]:
+                 with_base_weights: bool = False) -> Adapters | tuple[Any, Adapters]:
     """Read a peft adapter folder (``directory``, or ``directory/<adapter_name>``) for the tree ``params``.
 
-    peft's ``PeftModel.from_pretrained`` / ``load_adapter`` for a parameter tree; see
-    ``adapters_from_state_dict`` for the checks and for saved base weights (``with_base_weights=True``
+    peft's ``PeftModel.from_pretrained`` / ``load_adapter`` for a parameter tree, any method the config names;
+    see ``load_modules`` for the checks and for saved base weights (``with_base_weights=True``
     returns ``(params', adapters)`` with them applied). ``dtype`` casts the adapter arrays (default: as stored).
     """
     loaded = core_io.load_adapter(directory, adapter_name=adapter_name, xp=jnp)
-    if not isinstance(loaded.config, LoraConfig):
-        raise ConfigError(f"{loaded.path}: peft_type {loaded.config.peft_type!r} is not LORA; peftcore_jax loads LoRA")
     return adapters_from_state_dict(loaded.state_dict, loaded.config, params, adapter_name=adapter_name,
                                     layout=layout, model_type=model_type,
                                     output_embedding_name=output_embedding_name, dtype=dtype,

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import warnings
 import zlib
-from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -17,15 +16,18 @@ import jax.numpy as jnp
 
 from peftcore import LoraConfig
 from peftcore._xp import dtype_name
+from peftcore.config import PeftConfig
 from peftcore.errors import ConfigError, IncompatibleKeysError, MergeError, UnsupportedLayerError
 from peftcore.matching import match_targets, resolve_rank_alpha
 from peftcore.methods.lora import dora, init, ops
 from peftcore.naming import DEFAULT_ADAPTER_NAME
 from peftcore_jax.layout import Layout, LeafSpec, from_core, get_layout, to_core
+from peftcore_jax.methods import get_method
 from peftcore_jax.params import ActiveAdapters, LoraAdapters, LoraParams
 from peftcore_jax.tree import Module, find_modules, leaf_paths, module_names, replace_leaves
 
-__all__ = ["JaxSampler", "dora_weight_norms", "init_lora", "merge", "module_key", "target_modules", "unmerge"]
+__all__ = ["JaxSampler", "dora_weight_norms", "init_lora", "lora_merge", "lora_unmerge", "module_key",
+           "target_modules"]
 
 # config fields whose peft behaviour touches more than the adapted modules' factors
 _UNSUPPORTED_FIELDS = ("modules_to_save", "trainable_token_indices", "layer_replication", "target_parameters")
@@ -54,25 +56,28 @@ def module_key(key: jax.Array, module_path: str, /) -> jax.Array:
     return jax.random.fold_in(key, zlib.crc32(module_path.encode("utf-8")))
 
 
-def _check_supported(config: LoraConfig) -> None:
-    if not isinstance(config, LoraConfig):
-        raise ConfigError(f"peftcore_jax adapts with a LoraConfig, got {type(config).__name__}")
+def _check_supported(config: PeftConfig) -> None:
+    method = get_method(getattr(config, "peft_type", None) or type(config).__name__)
+    if not isinstance(config, method.config_cls):
+        raise ConfigError(f"peftcore_jax adapts with a {method.config_cls.__name__}, got {type(config).__name__}")
+    kind = type(config).__name__
     for name in _UNSUPPORTED_FIELDS:
         if getattr(config, name, None):
-            raise ConfigError(f"LoraConfig.{name}={getattr(config, name)!r} is not supported by peftcore_jax yet")
-    if config.bias != "none":
-        raise ConfigError(f"LoraConfig.bias={config.bias!r} (training base biases) is not supported by peftcore_jax")
+            raise ConfigError(f"{kind}.{name}={getattr(config, name)!r} is not supported by peftcore_jax yet")
+    if getattr(config, "bias", "none") != "none":
+        raise ConfigError(f"{kind}.bias={config.bias!r} (training base biases) is not supported by peftcore_jax")
 
 
-def target_modules(params: Any, config: LoraConfig, /, *, layout: str | Layout = "torch",
+def target_modules(params: Any, config: PeftConfig, /, *, layout: str | Layout = "torch",
                    model_type: str | None = None, output_embedding_name: str | None = None) -> dict[str, Module]:
-    """``{path: Module}`` that ``config`` adapts in ``params``, in tree order (core matching, peft's rules).
+    """``{path: Module}`` that ``config`` (any method's) adapts in ``params``, in tree order (core matching).
 
     ``output_embedding_name`` (excluded from ``"all-linear"``) defaults to ``"lm_head"`` when the tree has one.
     Raises ``NoMatchingModuleError`` when nothing matches and ``UnsupportedLayerError`` for a matched path
     that holds no weight the layout recognises (peft: "Target module ... is not supported").
     """
     _check_supported(config)
+    config = get_method(config.peft_type).matching_config(config)
     layout = get_layout(layout)
     modules = find_modules(params, layout=layout)
     if output_embedding_name is None and "lm_head" in modules:
@@ -205,21 +210,10 @@ def dora_weight_norms(params: Any, adapters: LoraAdapters | ActiveAdapters, /) -
     return norms
 
 
-def merge(params: Any, adapters: LoraAdapters | ActiveAdapters, /, *, safe: bool = False,
-          base_params: Any = None) -> Any:
-    """New ``params`` with every adapter merged: ``W + ΔW`` (DoRA ``m/‖W₀+ΔW‖·(W+ΔW)``), biases ``b+s·b_B``.
-
-    peft's ``merge_and_unload`` on the parameters; ``ActiveAdapters`` merge one after the other, in order, as
-    peft merges several active adapters. DoRA norms are taken on ``base_params`` (default ``params``): the
-    weights before any adapter was merged, as peft's ``_unmerged_base_weight`` (pass them when merging into
-    already-merged parameters). ``safe=True`` raises ``MergeError`` naming the module when a merged weight is
-    not finite (reads values: not jit-able); otherwise pure and jit-able.
-    """
+def lora_merge(params: Any, adapters: LoraAdapters, /, *, safe: bool = False, base_params: Any = None) -> Any:
+    """LoRA/DoRA's ``merge`` for one adapter (the method table's entry): ``W + ΔW`` (DoRA ``m/‖W₀+ΔW‖·(W+ΔW)``),
+    biases ``b + s·b_B``; DoRA norms are taken on ``base_params`` (peft's ``_unmerged_base_weight``)."""
     base_params = params if base_params is None else base_params
-    if isinstance(adapters, ActiveAdapters):
-        for one in adapters.adapters:
-            params = merge(params, one, safe=safe, base_params=base_params)
-        return params
     modules = find_modules(params, layout=adapters.layout)
     leaves = leaf_paths(params)
     base_leaves = leaves if base_params is params else leaf_paths(base_params)
@@ -247,20 +241,9 @@ def merge(params: Any, adapters: LoraAdapters | ActiveAdapters, /, *, safe: bool
     return replace_leaves(params, replacements)
 
 
-def unmerge(params: Any, adapters: LoraAdapters | ActiveAdapters, /, *,
-            weight_norms: dict[str, jax.Array] | Sequence[dict[str, jax.Array] | None] | None = None) -> Any:
-    """Inverse of ``merge``: ``W − ΔW`` (DoRA: ``W·‖W₀+ΔW‖/m − ΔW``, norms from ``dora_weight_norms``).
-
-    ``ActiveAdapters`` unmerge in reverse order; their ``weight_norms`` is one entry per adapter, as
-    ``dora_weight_norms(params, active)`` gives them.
-    """
-    if isinstance(adapters, ActiveAdapters):
-        norms = [None] * len(adapters) if weight_norms is None else list(weight_norms)
-        if len(norms) != len(adapters):
-            raise MergeError(f"weight_norms has {len(norms)} entries for {len(adapters)} active adapters")
-        for one, one_norms in zip(reversed(adapters.adapters), reversed(norms)):
-            params = unmerge(params, one, weight_norms=one_norms)
-        return params
+def lora_unmerge(params: Any, adapters: LoraAdapters, /, *, weight_norms: dict[str, jax.Array] | None = None) -> Any:
+    """LoRA/DoRA's ``unmerge`` for one adapter: ``W − ΔW`` (DoRA: ``W·‖W₀+ΔW‖/m − ΔW``, norms from
+    ``dora_weight_norms``)."""
     modules = find_modules(params, layout=adapters.layout)
     leaves = leaf_paths(params)
     replacements = {}

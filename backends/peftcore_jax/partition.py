@@ -1,7 +1,8 @@
 """Split trainable adapter leaves from frozen base leaves, for any optimizer (optax's ``masked`` included).
 
-A leaf is trainable iff it sits inside a ``LoraAdapters`` (factors, ``lora_B`` bias, DoRA magnitude); every
-other leaf (base weights, norms, ...) is frozen. ``partition`` / ``combine`` follow equinox's convention:
+A leaf is trainable iff it sits inside an ``Adapters`` (alias ``LoraAdapters``; any method's: LoRA factors,
+``lora_B`` bias, DoRA magnitude, (IA)³ vectors, AdaLoRA triplets); every other leaf (base weights, norms, ...) is
+frozen. ``partition`` / ``combine`` follow equinox's convention:
 the two halves keep the full tree structure with ``None`` where the other half has the leaf.
 """
 
@@ -11,17 +12,17 @@ from typing import Any
 
 import jax
 
-from peftcore_jax.params import LoraAdapters
+from peftcore_jax.params import Adapters
 
 __all__ = ["combine", "partition", "trainable_mask"]
 
 
 def _is_adapters(node: Any) -> bool:
-    return isinstance(node, LoraAdapters)
+    return isinstance(node, Adapters)
 
 
 def trainable_mask(tree: Any, /) -> Any:
-    """A tree of bools shaped like ``tree``: ``True`` for leaves inside a ``LoraAdapters``, ``False`` elsewhere."""
+    """A tree of bools shaped like ``tree``: ``True`` for leaves inside an ``Adapters``, ``False`` elsewhere."""
 
     def mark(node):
         flag = _is_adapters(node)

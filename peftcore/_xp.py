@@ -82,8 +82,15 @@ def compute_dtype(dtype: Any, *, xp: Namespace) -> Any:
 
 
 def to_device_of(x: Array, like: Array, *, xp: Namespace) -> Array:
-    """``x`` on the device of ``like`` (a no-op where both already agree)."""
-    return array_api_compat.to_device(x, array_api_compat.device(like))
+    """``x`` on the device of ``like`` (a no-op where both already agree).
+
+    A JAX array sharded over several devices reports its sharding as its device; that sharding
+    fits ``like``'s shape only, so ``x`` stays where the framework put it (JAX moves it on use).
+    """
+    device = array_api_compat.device(like)
+    if len(getattr(device, "device_set", ())) > 1:
+        return x
+    return array_api_compat.to_device(x, device)
 
 
 def stop_gradient(x: Array, *, xp: Namespace) -> Array:

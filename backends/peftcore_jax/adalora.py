@@ -31,7 +31,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from peftcore.errors import ConfigError, ShapeMismatchError, UnsupportedLayerError
 from peftcore.methods.adalora import AdaLoraConfig
@@ -296,10 +295,7 @@ def adalora_state_dict(adapters: Adapters, /) -> tuple[dict[str, jax.Array], Ada
                 if name.rpartition(".")[0] in adapters.params
                 and adapters.params[name.rpartition(".")[0]].r == len(mask)}
     if unpruned:
-        # pruned on the host: the core gathers with int64 indices, which JAX without x64 truncates with a warning
-        host = {key: np.asarray(value) for key, value in state.items()}
-        pruned = ops.prune_state_dict(host, rank_pattern=unpruned, prefix=BASE_MODEL_PREFIX)
-        state = {key: jnp.asarray(value) for key, value in pruned.items()}
+        state = ops.prune_state_dict(state, rank_pattern=unpruned, prefix=BASE_MODEL_PREFIX)
     return state, config
 
 

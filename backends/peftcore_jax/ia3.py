@@ -63,10 +63,6 @@ def _core_weight(stored: jax.Array, spec: LeafSpec) -> jax.Array:
     return stored if spec.kind == "linear" else to_core(stored, spec)
 
 
-def _is_sharded(array: Any) -> bool:
-    return isinstance(array, jax.Array) and len(array.sharding.device_set) > 1
-
-
 def init_ia3(params: Any, config: IA3Config, key: jax.Array | None = None, /, *,
              adapter_name: str = DEFAULT_ADAPTER_NAME, layout: str | Layout = "torch", model_type: str | None = None,
              output_embedding_name: str | None = None) -> Adapters:
@@ -91,12 +87,10 @@ def init_ia3(params: Any, config: IA3Config, key: jax.Array | None = None, /, *,
         feedforward = ops.is_feedforward(config, path)
         sampler = None if key is None else JaxSampler(module_key(key, path))
         weight = _core_weight(leaves[module.weight_path], spec)
-        make = functools.partial(ops.init_ia3, feedforward=feedforward, kind=spec.kind,
-                                 init_ia3_weights=config.init_ia3_weights, sampler=sampler,
-                                 fan_in_fan_out=spec.fan_in_fan_out, dtype=adapter_dtype(weight.dtype, xp=jnp))
-        # the core places the vector on the weight's device, which for a sharded weight is a sharding of
-        # another shape; traced, it lands on the default device (shard_adapters places it afterwards)
-        ia3_l = jax.jit(make)(weight) if _is_sharded(weight) else make(weight)
+        # on a sharded weight the vector stays on the default device until shard_adapters places it
+        ia3_l = ops.init_ia3(weight, feedforward=feedforward, kind=spec.kind,
+                             init_ia3_weights=config.init_ia3_weights, sampler=sampler,
+                             fan_in_fan_out=spec.fan_in_fan_out, dtype=adapter_dtype(weight.dtype, xp=jnp))
         adapters[path] = IA3Params(ia3_l, kind=spec.kind, feedforward=feedforward,
                                    fan_in_fan_out=spec.fan_in_fan_out)
     return Adapters.create(adapters, config, adapter_name=adapter_name, layout=layout)

@@ -172,6 +172,8 @@ def test_prune_triplet_and_state_dict(xp, call):
         "m": 2, "n": 0}
     with pytest.raises(IncompatibleKeysError, match="missing|no"):
         ops.prune_state_dict(sd, rank_pattern={"x.lora_E": keep}, adapter_name="default")
+    none = call(ops.prune_triplet, *(as_xp(xp, t) for t in (a, e, b)), keep=[False] * 4)
+    assert [tuple(t.shape) for t in none] == [(0, 3), (0, 1), (5, 0)]  # peft keeps rank-0 layers
     with pytest.raises(ShapeMismatchError, match="length 2"):
         ops.prune_triplet(*(as_xp(xp, t) for t in (a, e, b)), keep=[True, False])
     with pytest.raises(ConfigError, match="lora_E"):

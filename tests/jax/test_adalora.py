@@ -246,3 +246,13 @@ def test_dropout_applies_to_the_branch_input_only_with_a_key():
     x_dropped = np.where(np.asarray(keep), np.asarray(x, np.float64) / 0.5, 0.0)
     expected = np.asarray(base, np.float64) + reference.linear_update(x_dropped, *_f64(mod), mod.scaling)
     _close(dropped, expected)
+
+
+def test_core_pruning_runs_on_float32_jax_without_x64():
+    # the gather indices take JAX's default integer type; an int64 request would warn (an error here)
+    from peftcore.methods.adalora import ops as core_ops
+
+    a, e, b = jnp.ones((4, 3)), jnp.arange(4.0)[:, None], jnp.ones((5, 4))
+    pruned = core_ops.prune_triplet(a, e, b, keep=[False, True, False, True])
+    assert [t.shape for t in pruned] == [(2, 3), (2, 1), (5, 2)]
+    assert pruned.lora_E[:, 0].tolist() == [1.0, 3.0]

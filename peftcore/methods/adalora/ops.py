@@ -248,7 +248,10 @@ def prune_triplet(lora_A: Array, lora_E: Array, lora_B: Array, /, *, keep: Seque
     if all(keep):
         return SvdInit(lora_A, lora_E, lora_B)
     kept = [i for i, k in enumerate(keep) if k]
-    index = xp.asarray(kept, dtype=xp.int64, device=array_api_compat.device(lora_A))
+    if not kept:
+        return SvdInit(lora_A[:0, ...], lora_E[:0, ...], lora_B[:, :0])
+    # the default index dtype: int32 under JAX without x64, where an int64 request warns
+    index = xp.asarray(kept, device=array_api_compat.device(lora_A))
     return SvdInit(
         xp.take(lora_A, index, axis=0), xp.take(lora_E, index, axis=0), xp.take(lora_B, index, axis=1)
     )

@@ -4,7 +4,8 @@
 
 Inputs are drawn from a fixed seed; expected outputs come from ``tests/reference``
 (written from the formulas, independent of peftcore). Each case stores its input
-and output tensors in ``spec/vectors/<method>.safetensors`` under
+and output tensors in ``spec/vectors/<method>.safetensors`` (the AdaLoRA allocator
+trajectories, from their own seed, in ``adalora_allocator.safetensors``) under
 ``<case id>/inputs/<name>`` and ``<case id>/outputs/<name>``; ``manifest.json``
 lists, per case, the operation (a formula of ``spec/<method>.md``), the positional
 inputs in order, the scalar parameters and the outputs.
@@ -36,8 +37,10 @@ TOLERANCES = {"float64": {"rtol": 1e-10}, "float32": {"rtol": 2e-5}}
 class Collector:
     """Accumulates cases of one method: tensors for the safetensors file, entries for the manifest."""
 
-    def __init__(self, method: str):
+    def __init__(self, method: str, *, file: str | None = None, seed: int = SEED):
         self.method = method
+        self.file = f"{file or method}.safetensors"
+        self.seed = seed
         self.tensors: dict[str, np.ndarray] = {}
         self.cases: list[dict] = []
 
@@ -48,7 +51,10 @@ class Collector:
                 if value is None:
                     continue
                 value = np.asarray(value)
-                value = value.astype(np.int64) if value.dtype.kind in "iu" else value.astype(np.float64)
+                if value.dtype.kind in "iu":
+                    value = value.astype(np.int64)
+                elif value.dtype.kind != "b":
+                    value = value.astype(np.float64)
                 self.tensors[f"{full_id}/{role}/{name}"] = np.ascontiguousarray(value)
         self.cases.append(
             {
@@ -56,7 +62,7 @@ class Collector:
                 "operation": operation,
                 "spec": spec,
                 "description": description,
-                "file": f"{self.method}.safetensors",
+                "file": self.file,
                 "inputs": [name if value is not None else None for name, value in inputs.items()],
                 "params": params,
                 "outputs": list(outputs),
@@ -253,6 +259,112 @@ def adalora_cases(rng: np.random.Generator) -> Collector:
     return c
 
 
+# The allocator trajectories draw from their own seed, so that cases added elsewhere never move them
+# (their masking margins are checked for this draw).
+ALLOCATOR_SEED = SEED + 1
+ADAPTER = "default"
+ALLOCATOR_LAYERS = (("layers.0.q_proj", 5, 4), ("layers.0.v_proj", 4, 6), ("layers.1.q_proj", 6, 3))
+FACTORS = ("lora_A", "lora_E", "lora_B")
+# Smallest relative gap above the masking threshold: float32 replays must mask the same triplets.
+ALLOCATOR_MARGIN = 1e-3
+
+
+class _MarginCheckedAllocator(aref.Allocator):
+    """The reference allocator, refusing a masking decision that float32 rounding could flip."""
+
+    def mask(self, bgt):
+        flat = sorted(v for layer in self.scores() for v in layer)
+        threshold = flat[self.schedule["init_bgt"] - bgt - 1]
+        if flat.count(threshold) > 1 and threshold != 0.0:
+            raise AssertionError(f"budget {bgt}: a non-zero tie at the threshold {threshold}")
+        above = [v for v in flat if v > threshold]
+        if above and above[0] - threshold <= ALLOCATOR_MARGIN * max(abs(v) for v in flat):
+            raise AssertionError(f"budget {bgt}: the score above the threshold is too close to it")
+        return super().mask(bgt)
+
+
+
+def _factor_shape(factor, n_in, n_out, r):
+    return {"lora_A": (r, n_in), "lora_E": (r, 1), "lora_B": (n_out, r)}[factor]
+
+
+def _allocator_case(c, rng, case_id, *, init_r, target_r, schedule, frozen=(), description):
+    """One ``update_and_allocate(t)`` per step ``t = 0..total_step-1`` of the float64 reference allocator.
+
+    Step ``t`` sees ``params[t]`` (after the optimiser step: step ``t-1``'s output plus a small update)
+    and ``grads[t]``; modules in ``frozen`` get zero gradients and no updates (unused in the forward),
+    so their triplets tie at score 0.
+    """
+    modules = [m for m, _, _ in ALLOCATOR_LAYERS]
+    shapes = {(m, f): _factor_shape(f, n_in, n_out, init_r) for m, n_in, n_out in ALLOCATOR_LAYERS for f in FACTORS}
+    names = {key: f"{key[0]}.{key[1]}.{ADAPTER}" for key in shapes}
+    e_keys = [key for key in shapes if key[1] == "lora_E"]
+    ref = _MarginCheckedAllocator([{f[-1]: np.zeros(shapes[m, f]) for f in FACTORS} for m in modules],
+                                  target_r=target_r, **schedule)
+
+    trail = {k: [] for k in ("params", "grads", "exp_avg_ipt", "exp_avg_unc", "lora_E", "budget", "mask_now",
+                             "new_pattern")}
+    patterns = []
+    current = {key: rng.standard_normal(shape) for key, shape in shapes.items()}
+    for step in range(schedule["total_step"]):
+        if step:
+            current = {key: v if key[0] in frozen else v + 0.1 * rng.standard_normal(v.shape)
+                       for key, v in current.items()}
+        grads = {key: np.zeros(v.shape) if key[0] in frozen else rng.standard_normal(v.shape)
+                 for key, v in current.items()}
+        for (m, f), v in current.items():
+            ref.layers[modules.index(m)][f[-1]] = v.copy()
+        budget, mask_now = aref.budget(step, **ref.schedule)
+        pattern = ref.step(step, [{f[-1]: grads[m, f] for f in FACTORS} for m in modules])
+        trail["params"].append(current)
+        trail["grads"].append(grads)
+        current = {(m, f): ref.layers[modules.index(m)][f[-1]].copy() for m, f in shapes}
+        for ema, per_layer in (("exp_avg_ipt", ref.avg), ("exp_avg_unc", ref.unc)):
+            trail[ema].append({(m, f): per_layer[modules.index(m)][f[-1]].copy() for m, f in shapes})
+        trail["lora_E"].append(current)
+        trail["budget"].append(budget)
+        trail["mask_now"].append(mask_now)
+        trail["new_pattern"].append(pattern is not None)
+        if pattern is not None:
+            patterns.append(pattern)
+
+    def stacked(kind, keys):
+        return {f"{kind}/{names[key]}": np.stack([row[key] for row in trail[kind]]) for key in keys}
+
+    inputs = {**stacked("params", shapes), **stacked("grads", shapes)}
+    outputs = {
+        "budget": np.array(trail["budget"], dtype=np.int64),
+        "mask_now": np.array(trail["mask_now"]),
+        "new_pattern": np.array(trail["new_pattern"]),
+        **stacked("exp_avg_ipt", shapes),
+        **stacked("exp_avg_unc", shapes),
+        **stacked("lora_E", e_keys),
+        **{f"masks/{names[key]}": np.array([p[modules.index(key[0])] for p in patterns]) for key in e_keys},
+        **{f"rank_pattern/{names[key]}": np.array(patterns[-1][modules.index(key[0])]) for key in e_keys},
+    }
+    params = {"parameter_names": list(names.values()), "target_r": target_r, **schedule, "adapter_name": ADAPTER}
+    c.add(case_id, "adalora.allocator_trajectory", "adalora.md#7-golden-vectors-of-the-rank-allocator",
+          inputs, params, outputs, description=description)
+
+
+def allocator_cases(rng: np.random.Generator) -> Collector:
+    c = Collector("adalora", file="adalora_allocator", seed=ALLOCATOR_SEED)
+    _allocator_case(
+        c, rng, "allocator_trajectory/three_layers", init_r=4, target_r=2,
+        schedule=dict(tinit=2, tfinal=3, total_step=14, deltaT=2, beta1=0.8, beta2=0.7),
+        description="3 Linear layers, init_r=4, target_r=2: warm-up to step 2, masking at steps 4, 6, 8, 10 "
+                    "(budgets 8, 7, 6, 6), final allocation at step 11 = total_step - tfinal, the mask re-applied "
+                    "at steps 12, 13",
+    )
+    _allocator_case(
+        c, rng, "allocator_trajectory/frozen_layer_ties", init_r=4, target_r=2, frozen=("layers.0.v_proj",),
+        schedule=dict(tinit=0, tfinal=2, total_step=8, deltaT=1, beta1=0.85, beta2=0.85),
+        description="layers.0.v_proj gets zero gradients: its 4 triplets tie at score 0 and are all masked at "
+                    "step 1 although the budget 9 masks only 3; deltaT=1, final allocation at step 6",
+    )
+    return c
+
+
 def ia3_cases(rng: np.random.Generator) -> Collector:
     c = Collector("ia3")
     n = rng.standard_normal
@@ -346,8 +458,10 @@ def main() -> None:
     rng = np.random.default_rng(SEED)
     VECTORS.mkdir(parents=True, exist_ok=True)
     cases = []
-    for collector in (lora_cases(rng), dora_cases(rng), adalora_cases(rng), ia3_cases(rng), prompt_cases(rng)):
-        save_file(collector.tensors, str(VECTORS / f"{collector.method}.safetensors"), metadata={"seed": str(SEED)})
+    collectors = [lora_cases(rng), dora_cases(rng), adalora_cases(rng), ia3_cases(rng), prompt_cases(rng)]
+    collectors.append(allocator_cases(np.random.default_rng(ALLOCATOR_SEED)))
+    for collector in collectors:
+        save_file(collector.tensors, str(VECTORS / collector.file), metadata={"seed": str(collector.seed)})
         cases.extend(collector.cases)
     manifest = {
         "format": "peftcore-golden-vectors",

@@ -1,16 +1,18 @@
 """AdaLoRA's rank budget over a training run: per layer, how many SVD triplets survive from ``init_r`` to ``target_r``.
 
 Trains AdaLoRA on a tiny random Llama (``examples/jax_llama.py``) to predict a fixed token batch, in JAX with
-``peftcore_jax``: one jitted train step (loss + orthogonal regulariser, gradients, Adam), compiled once, and the
-rank allocator (``peftcore_jax.allocator_step``) jitted with its phase static, so it compiles once per phase
-and budget level, not per step. Then the same with ``peftcore_torch`` if that backend has AdaLoRA (skipped
-otherwise). Prints, per adapted layer, its rank at each step where the allocator masked::
+``peftcore_jax``: one jitted train step (loss + orthogonal regulariser, gradients, Adam, then the rank
+allocator ``peftcore_jax.allocator_step``), compiled once for the whole schedule: the step enters as the array
+plan of ``peftcore_jax.allocator_plan``, only the schedule is static. Then the same with ``peftcore_torch`` if
+that backend has AdaLoRA (skipped otherwise). Prints, per adapted layer, its rank at each step where the
+allocator masked::
 
     python examples/adalora_budget.py
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 
@@ -61,9 +63,9 @@ def run_jax() -> tuple[list[tuple[int, dict[str, int]]], object]:
         nll = -jnp.mean(jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1))
         return nll + CONFIG["orth_reg_weight"] * pj.orth_regularizer(adapters)
 
-    @jax.jit
-    def train_step(adapters, moments, count):
-        """Gradients and one Adam update; the allocator then reads these gradients (peft's order)."""
+    @functools.partial(jax.jit, static_argnames=("schedule",))
+    def train_step(adapters, moments, count, state, plan, schedule):
+        """Gradients, one Adam update, then the allocator on these gradients (peft's order)."""
         loss, grads = jax.value_and_grad(loss_fn)(adapters)
         first, second = moments
         first = jax.tree_util.tree_map(lambda m, g: 0.9 * m + 0.1 * g, first, grads)
@@ -71,24 +73,24 @@ def run_jax() -> tuple[list[tuple[int, dict[str, int]]], object]:
         correction = jnp.sqrt(1 - 0.999**count) / (1 - 0.9**count)
         adapters = jax.tree_util.tree_map(
             lambda p, m, v: p - LEARNING_RATE * correction * m / (jnp.sqrt(v) + 1e-8), adapters, first, second)
-        return adapters, (first, second), grads, loss
+        state, adapters = pj.allocator_step(state, adapters, grads, plan, schedule=schedule)
+        return adapters, (first, second), state, loss
 
-    allocate = jax.jit(pj.allocator_step, static_argnames=("step", "schedule"))
     schedule = pj.allocator_schedule(adapters)
-    state = pj.allocator_init(adapters)
     zeros = jax.tree_util.tree_map(jnp.zeros_like, adapters)
-    moments = (zeros, zeros)
+    # committed from the start, as the step's outputs are: one jit signature for every step
+    adapters, moments, state = jax.device_put((adapters, (zeros, zeros), pj.allocator_init(adapters)),
+                                              jax.devices()[0])
     history, losses = [], []
     for step in range(CONFIG["total_step"]):
-        adapters, moments, grads, loss = train_step(adapters, moments, step + 1)
-        phase = pj.allocator_phase(step, schedule=schedule)
-        state, adapters = allocate(state, adapters, grads, step=phase, schedule=schedule)
+        plan = pj.allocator_plan(step, schedule=schedule)
+        adapters, moments, state, loss = train_step(adapters, moments, step + 1, state, plan, schedule=schedule)
         losses.append(float(loss))
-        if phase.kind in ("mask", "final"):
+        if plan.mask:
             pattern = pj.with_rank_pattern(adapters, state).config.rank_pattern
             history.append((step, {k.removesuffix(".lora_E"): sum(v) for k, v in pattern.items()}))
-    print(f"JAX: loss {losses[0]:.3f} -> {losses[-1]:.3f}; the allocator compiled {allocate._cache_size()} times "
-          f"for {CONFIG['total_step']} steps")
+    print(f"JAX: loss {losses[0]:.3f} -> {losses[-1]:.3f}; the train step compiled {train_step._cache_size()} "
+          f"time(s) for {CONFIG['total_step']} steps")
     return history, schedule
 
 
@@ -115,7 +117,7 @@ def run_torch(schedule) -> list[tuple[int, dict[str, int]]] | None:
         optimizer.step()
         model.base_model.update_and_allocate(step)
         optimizer.zero_grad()
-        if pj.allocator_phase(step, schedule=schedule).kind in ("mask", "final"):
+        if pj.allocator_plan(step, schedule=schedule).mask:
             pattern = model.peft_config["default"].rank_pattern
             history.append((step, {k.removesuffix(".lora_E.default").removesuffix(".lora_E"): sum(v)
                                    for k, v in pattern.items()}))

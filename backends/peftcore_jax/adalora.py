@@ -7,19 +7,19 @@ the core's (``peftcore.methods.adalora.allocator``) on the adapters flattened to
 (``<module>.lora_A`` ...), as pure functions that run inside a jitted train step::
 
     schedule = allocator_schedule(adapters)          # static, hashable
-    state = allocator_init(adapters)
+    state = allocator_init(adapters)                 # zero EMAs, all-True masks: a fixed pytree
     for step in range(total_step):
-        phase = allocator_phase(step, schedule=schedule)   # host side, hashable: a static jit argument
-        adapters, opt_state, state = train_step(adapters, opt_state, state, batch, phase=phase, schedule=schedule)
+        plan = allocator_plan(step, schedule=schedule)   # host side: 0-d arrays, a traced jit argument
+        adapters, opt_state, state = train_step(adapters, opt_state, state, batch, plan, schedule=schedule)
         # inside: grads = jax.grad(loss)(adapters); adapters = optimizer update;
-        #         state, adapters = allocator_step(state, adapters, grads, phase, schedule=schedule)
+        #         state, adapters = allocator_step(state, adapters, grads, plan, schedule=schedule)
     adapters = with_rank_pattern(adapters, state)          # the masks into config.rank_pattern, for saving
 
-The budget schedule depends on the step only through ``allocator_phase``: steps that do the same work share
-one phase (all importance-only steps, each masking budget level, the final step, the steps after it), so a
-train step jitted with ``phase`` static compiles once per phase and once per budget level of the shrinking
-phase, not once per step. ``save_adapter`` prunes each layer to its kept triplets and writes ``rank_pattern``
-(peft's ``resize_state_dict_by_rank_pattern``); ``load_adapter`` rebuilds each layer at its kept rank.
+The step enters only through ``allocator_plan`` (the core's ``step_plan``: whether to update the EMAs, to mask
+and how many triplets, to reset, to re-apply the final mask), arrays the step selects with, so a train step
+jitted with only ``schedule`` static compiles once for the whole schedule. ``save_adapter`` prunes each layer
+to its kept triplets and writes ``rank_pattern`` (peft's ``resize_state_dict_by_rank_pattern``);
+``load_adapter`` rebuilds each layer at its kept rank.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from peftcore.errors import ConfigError, ShapeMismatchError, UnsupportedLayerError
+from peftcore.errors import ConfigError, IncompatibleKeysError, ShapeMismatchError, UnsupportedLayerError
 from peftcore.methods.adalora import AdaLoraConfig
 from peftcore.methods.adalora import allocator as core_allocator
 from peftcore.methods.adalora import ops
@@ -48,10 +48,10 @@ from peftcore_jax.tree import Module, find_modules, leaf_paths, replace_leaves
 
 __all__ = [
     "ADALORA",
-    "AllocatorPhase",
     "AllocatorState",
+    "StepPlan",
     "allocator_init",
-    "allocator_phase",
+    "allocator_plan",
     "allocator_schedule",
     "allocator_step",
     "init_adalora",
@@ -61,6 +61,7 @@ __all__ = [
 
 _CONTAINERS = ("lora_A", "lora_E", "lora_B")
 AllocatorState = core_allocator.AllocatorState
+StepPlan = core_allocator.StepPlan
 
 
 def _spec(module: Module, layout: Layout, config: AdaLoraConfig) -> LeafSpec:
@@ -213,55 +214,36 @@ def allocator_schedule(adapters: Adapters, /) -> core_allocator.Schedule:
 
 
 def allocator_init(adapters: Adapters, /) -> core_allocator.AllocatorState:
-    """Zero importance EMAs for every factor, no mask yet (a pytree: carry it through the train step)."""
-    return core_allocator.init_state(_flat(adapters))
+    """Zero importance EMAs for every factor and all-True masks (a pytree of fixed structure: carry it through
+    the train step)."""
+    return core_allocator.init_state(_flat(adapters), masks=True)
 
 
-@dataclasses.dataclass(frozen=True)
-class AllocatorPhase:
-    """The static part of one allocator step: ``kind`` ("update", "mask", "final", "fixed") and the ``budget``
-    it masks to (None when it does not mask). ``step`` is a representative step of the phase; it is not part of
-    equality or hashing, so every step of a phase hits the same jit cache entry (they do the same work)."""
+def allocator_plan(step: int, /, *, schedule: core_allocator.Schedule) -> core_allocator.StepPlan:
+    """What the allocator does at Python int ``step``, as 0-d arrays (the core's ``step_plan``, on the host).
 
-    kind: str
-    budget: int | None
-    step: int = dataclasses.field(compare=False)
-
-
-def allocator_phase(step: int, /, *, schedule: core_allocator.Schedule) -> AllocatorPhase:
-    """The phase of Python int ``step`` under ``schedule`` (the core's ``budget_schedule``, on the host).
-
-    ``update``: importance EMAs only (``step ≤ tinit``, or a shrinking step off the ``deltaT`` grid); ``mask``:
-    EMAs then mask to ``budget``; ``final`` (``step = total_step − tfinal``): mask to ``target_bgt`` and reset
-    the EMAs; ``fixed`` (later): re-apply the final mask.
+    ``update``: importance EMAs (``step < total_step − tfinal``); ``mask``: mask ``k`` triplets now (a scheduled
+    budget, or the final ``target_bgt``); ``reset``: zero the EMAs (the final step); ``reapply``: re-apply the
+    final mask (later steps). Pass it to the jitted step as an ordinary (traced) argument.
     """
-    if isinstance(step, bool) or not isinstance(step, int):
-        raise ConfigError(f"allocator_phase needs a Python int step (static), got {step!r}")
-    final = schedule.total_step - schedule.tfinal
-    if step > final:
-        return AllocatorPhase("fixed", None, step)
-    budget, mask_now = core_allocator.budget_schedule(step, schedule=schedule)
-    if step == final:
-        return AllocatorPhase("final", budget, step)
-    return AllocatorPhase("mask", budget, step) if mask_now else AllocatorPhase("update", None, step)
+    return core_allocator.step_plan(step, schedule=schedule, xp=jnp)
 
 
-def allocator_step(state: core_allocator.AllocatorState, adapters: Adapters, grads: Adapters | None, /,
-                   step: AllocatorPhase | int, *,
+def allocator_step(state: core_allocator.AllocatorState, adapters: Adapters, grads: Adapters,
+                   plan: core_allocator.StepPlan, /, *,
                    schedule: core_allocator.Schedule) -> tuple[core_allocator.AllocatorState, Adapters]:
     """One ``AdaLoraModel.update_and_allocate(step)``: ``(state', adapters')``, masked ``lora_E`` in ``adapters'``.
 
     Call it after the optimiser update with that step's ``grads`` (``jax.grad`` w.r.t. ``adapters``: the same
-    tree; only read before the final step). ``step`` is ``allocator_phase(i, schedule=schedule)`` for the Python
-    int step ``i`` (or ``i`` itself, which then compiles once per step); pass it and ``schedule`` as static
-    arguments under ``jax.jit`` (``static_argnames=("step", "schedule")``). ``state'.rank_pattern``
+    tree; read only while ``plan.update``) and ``plan = allocator_plan(step, schedule=schedule)``. Only
+    ``schedule`` is static under ``jax.jit``, so one compilation serves every step. ``state'.rank_pattern``
     holds the last masks (``<module>.lora_E`` -> bool ``(init_r,)``); ``with_rank_pattern`` puts them in the
     config for saving.
     """
-    phase = step if isinstance(step, AllocatorPhase) else allocator_phase(step, schedule=schedule)
-    flat = _flat(adapters)
-    flat_grads = None if grads is None else _flat(grads)
-    state, flat, _ = core_allocator.update_and_allocate(state, flat, flat_grads, step=phase.step, schedule=schedule)
+    if grads is None:
+        raise IncompatibleKeysError("allocator_step needs the step's gradients (a tree like `adapters`) at every "
+                                    "step; they are read only before total_step - tfinal")
+    state, flat = core_allocator.allocate(state, _flat(adapters), _flat(grads), plan, schedule=schedule)
     return state, _with_E(adapters, flat)
 
 
@@ -271,6 +253,9 @@ def with_rank_pattern(adapters: Adapters, masks: core_allocator.AllocatorState |
     """
     if isinstance(masks, core_allocator.AllocatorState):
         masks = masks.rank_pattern
+        # every masking step masks at least one triplet, so all-True masks mean it has not masked yet
+        if masks is not None and all(bool(jnp.all(m)) for m in masks.values()):
+            masks = None
     if masks is None:
         raise ConfigError("no rank pattern yet: the allocator has not masked (run it past tinit on the deltaT grid)")
     config = copy.deepcopy(adapters.config)

@@ -66,6 +66,84 @@ def test_whole_schedule_matches_reference(xp, call, seed, schedule, n_layers):
     assert alloc.budget_schedule(schedule["total_step"] + 1, schedule=sched) == (sched.target_bgt, True)
 
 
+def _assert_same(got, want, what):
+    assert set(got) == set(want), what
+    for k, v in want.items():
+        np.testing.assert_array_equal(to_numpy(got[k]), to_numpy(v), err_msg=f"{k}: {what}")
+
+
+@settings(deadline=None, max_examples=2)
+@given(seed=st.integers(0, 2**32 - 1), n_layers=st.integers(1, 3), schedule=st.sampled_from([
+    dict(tinit=1, tfinal=2, total_step=10, deltaT=2),  # init_r 6 -> 1: several budget levels
+    dict(tinit=0, tfinal=0, total_step=4, deltaT=1),
+]))
+def test_branch_free_allocate_equals_update_and_allocate_at_every_step(xp, call, seed, n_layers, schedule):
+    rng = np.random.default_rng(seed)
+    init_r, target_r = 6, 1
+    config = AdaLoraConfig(init_r=init_r, target_r=target_r, beta1=0.8, beta2=0.7, **schedule)
+    layers = [dict(A=rng.normal(size=(init_r, 4)), E=rng.normal(size=(init_r, 1)), B=rng.normal(size=(3, init_r)))
+              for _ in range(n_layers)]
+    params = {k: xp.asarray(v) for k, v in _pytree(layers).items()}
+    params["layers.0.attn.base_layer.weight"] = xp.ones((3, 4))
+    sched = alloc.make_schedule(params, config=config, adapter_name="default")
+    old_state = alloc.init_state(params, adapter_name="default")
+    state = alloc.init_state(params, adapter_name="default", masks=True)
+    assert {k: to_numpy(v).tolist() for k, v in state.rank_pattern.items()} == {
+        f"layers.{i}.attn.lora_E.default": [True] * init_r for i in range(n_layers)}
+    old_params = params
+    budgets, masked = set(), 0
+    for step in range(schedule["total_step"] + 3):
+        grads = {k: xp.asarray(rng.normal(size=tuple(v.shape))) for k, v in params.items()}
+        plan = alloc.step_plan(step, schedule=sched, xp=xp)
+        old_state, old_params, masks = call(alloc.update_and_allocate, old_state, old_params, grads, step=step,
+                                            schedule=sched, adapter_name="default")
+        state, params = call(alloc.allocate, state, params, grads, plan, schedule=sched, adapter_name="default")
+        _assert_same(params, old_params, f"params at step {step}")
+        _assert_same(state.exp_avg_ipt, old_state.exp_avg_ipt, f"EMA at step {step}")
+        _assert_same(state.exp_avg_unc, old_state.exp_avg_unc, f"uncertainty at step {step}")
+        assert bool(to_numpy(plan.mask)) == (masks is not None), step
+        if masks is not None:
+            _assert_same(state.rank_pattern, masks, f"masks at step {step}")
+            budgets.add(int(to_numpy(plan.k)))
+            masked += 1
+        if old_state.rank_pattern is None:
+            assert all(np.all(to_numpy(m)) for m in state.rank_pattern.values()), step
+        else:
+            _assert_same(state.rank_pattern, old_state.rank_pattern, f"stored masks at step {step}")
+        # training moves every factor (masked E entries too) before the next call
+        nudges = {k: xp.asarray(0.1 * rng.normal(size=tuple(v.shape))) for k, v in params.items()}
+        params = {k: params[k] + nudges[k] for k in params}
+        old_params = {k: old_params[k] + nudges[k] for k in old_params}
+    assert masked >= 2 and (schedule["deltaT"] == 1 or len(budgets) >= 2)
+
+
+def test_step_plan_follows_the_schedule_by_hand(xp):
+    # init_bgt 8, target_bgt 4, tinit 1, T = 9 - 2 = 7, deltaT 2: budget(t) = int(4·(1 - (t-1)/6)³ + 4)
+    sched = alloc.Schedule(init_bgt=8, target_bgt=4, tinit=1, tfinal=2, total_step=9, deltaT=2, beta1=0.5, beta2=0.5)
+    # step: (update, mask, k, reset, reapply); t=2: int(4·(5/6)³ + 4) = 6 -> k = 2; t=4, 6: budget 4 -> k = 4
+    expected = {0: (1, 0, 1, 0, 0), 1: (1, 0, 1, 0, 0), 2: (1, 1, 2, 0, 0), 3: (1, 0, 1, 0, 0), 4: (1, 1, 4, 0, 0),
+                5: (1, 0, 1, 0, 0), 6: (1, 1, 4, 0, 0), 7: (0, 1, 4, 1, 0), 8: (0, 0, 1, 0, 1), 20: (0, 0, 1, 0, 1)}
+    for step, want in expected.items():
+        plan = alloc.step_plan(step, schedule=sched, xp=xp)
+        assert tuple(int(to_numpy(v)) for v in plan) == want, step
+        assert all(v.shape == () for v in plan), step
+    with pytest.raises(ConfigError, match="Python int"):
+        alloc.step_plan(xp.asarray(3), schedule=sched, xp=xp)
+    with pytest.raises(ConfigError, match="init_r > target_r"):
+        alloc.step_plan(7, schedule=sched._replace(target_bgt=8), xp=xp)
+    alloc.step_plan(6, schedule=sched._replace(target_bgt=8, tinit=6), xp=xp)  # not a masking step: no error
+
+
+def test_allocate_needs_a_state_with_masks(xp):
+    p = {"m.lora_A": xp.ones((2, 3)), "m.lora_E": xp.ones((2, 1)), "m.lora_B": xp.ones((4, 2))}
+    sched = alloc.make_schedule(p, config=AdaLoraConfig(init_r=2, target_r=1, total_step=4))
+    plan = alloc.step_plan(0, schedule=sched, xp=xp)
+    with pytest.raises(ConfigError, match="masks=True"):
+        alloc.allocate(alloc.init_state(p), p, p, plan, schedule=sched)
+    state, out = alloc.allocate(alloc.init_state(p, masks=True), p, p, plan, schedule=sched)
+    np.testing.assert_array_equal(to_numpy(out["m.lora_E"]), np.ones((2, 1)))
+
+
 def test_importance_emas_follow_the_formula(xp):
     p = {"m.lora_A": xp.asarray([[1.0, -2.0]]), "m.lora_E": xp.asarray([[3.0]]), "m.lora_B": xp.asarray([[0.5]])}
     g = {"m.lora_A": xp.asarray([[2.0, 1.0]]), "m.lora_E": xp.asarray([[-1.0]]), "m.lora_B": xp.asarray([[4.0]])}

@@ -15,6 +15,11 @@ Per step (``AdaLoraModel.update_and_allocate``; ``T = total_step − tfinal``):
 The budget and the masking decision depend on the step only (a Python int), so every
 function here runs under ``jax.jit`` with ``step``/``schedule`` static; the masks are bool
 arrays, turned into peft's ``rank_pattern`` lists on the host by :func:`rank_pattern_to_lists`.
+
+:func:`allocate` is the same step without branches: :func:`step_plan` turns the Python int step
+into a :class:`StepPlan` of 0-d arrays on the host, and ``allocate`` selects with ``where``, so a
+train step jitted with only ``schedule`` static compiles once for the whole schedule. Its state
+keeps masks from the start (``init_state(..., masks=True)``: all True), so the pytree never changes.
 """
 
 from __future__ import annotations
@@ -30,12 +35,15 @@ from peftcore.errors import ConfigError, IncompatibleKeysError, ShapeMismatchErr
 __all__ = [
     "AllocatorState",
     "Schedule",
+    "StepPlan",
+    "allocate",
     "apply_rank_pattern",
     "budget_schedule",
     "init_state",
     "make_schedule",
     "mask_to_budget",
     "rank_pattern_to_lists",
+    "step_plan",
     "triplet_scores",
     "update_and_allocate",
     "update_importance",
@@ -70,6 +78,21 @@ class AllocatorState(NamedTuple):
     rank_pattern: dict[str, Array] | None = None
 
 
+class StepPlan(NamedTuple):
+    """One allocator step as 0-d arrays (:func:`step_plan`), so that a jitted step never sees the step itself.
+
+    ``update`` (bool): ``step < T``, update the EMAs; ``mask`` (bool): mask anew now (a scheduled mask,
+    or ``step == T``); ``k`` (int): triplets to mask, ``init_bgt − budget`` (1 when not masking);
+    ``reset`` (bool): ``step == T``, zero the EMAs after masking; ``reapply`` (bool): ``step > T``.
+    """
+
+    update: Array
+    mask: Array
+    k: Array
+    reset: Array
+    reapply: Array
+
+
 def make_schedule(params: Mapping[str, Array], /, *, config: Any, adapter_name: str | None = None) -> Schedule:
     """The schedule of ``config`` (an ``AdaLoraConfig``) for these parameters (``RankAllocator.__init__``)."""
     layers = _layers(params, adapter_name=adapter_name)
@@ -90,12 +113,24 @@ def make_schedule(params: Mapping[str, Array], /, *, config: Any, adapter_name: 
     )
 
 
-def init_state(params: Mapping[str, Array], /, *, adapter_name: str | None = None) -> AllocatorState:
-    """Zero EMAs for every tracked parameter, no mask yet (peft's lazily created zeros)."""
+def init_state(
+    params: Mapping[str, Array], /, *, adapter_name: str | None = None, masks: bool = False
+) -> AllocatorState:
+    """Zero EMAs for every tracked parameter (peft's lazily created zeros) and no mask yet.
+
+    ``masks=True`` starts ``rank_pattern`` as all-True ``(r,)`` masks instead of ``None`` (what
+    :func:`allocate` needs: a state whose pytree structure never changes; keeping every triplet is a no-op).
+    """
     xp = array_namespace(*params.values())
     tracked = _tracked(params, adapter_name=adapter_name)
     zeros = {n: xp.zeros_like(params[n]) for n in tracked}
-    return AllocatorState(exp_avg_ipt=zeros, exp_avg_unc=dict(zeros), rank_pattern=None)
+    rank_pattern = None
+    if masks:
+        rank_pattern = {}
+        for names in _layers(params, adapter_name=adapter_name).values():
+            lora_E = params[names["lora_E"]]
+            rank_pattern[names["lora_E"]] = xp.ones((lora_E.shape[0],), dtype=xp.bool, device=_device(lora_E))
+    return AllocatorState(exp_avg_ipt=zeros, exp_avg_unc=dict(zeros), rank_pattern=rank_pattern)
 
 
 def budget_schedule(step: int, *, schedule: Schedule) -> tuple[int, bool]:
@@ -256,6 +291,65 @@ def update_and_allocate(
     if state.rank_pattern is None:
         raise ConfigError(f"AdaLoRA step {step} > {final} re-applies the final mask, but no mask was computed yet")
     return state, apply_rank_pattern(params, rank_pattern=state.rank_pattern, **kw), None
+
+
+def step_plan(step: int, *, schedule: Schedule, xp: Any, device: Any = None) -> StepPlan:
+    """The :class:`StepPlan` of Python int ``step`` (host side; budgets from :func:`budget_schedule`).
+
+    Raises ``ConfigError`` for a non-int step and for a masking step whose ``k = init_bgt − budget``
+    lies outside ``[1, init_bgt]`` (e.g. ``target_r ≥ init_r``), as :func:`mask_to_budget` would.
+    """
+    if isinstance(step, bool) or not isinstance(step, int):
+        raise ConfigError(f"the AdaLoRA step plan needs a Python int step (on the host), got {step!r}")
+    s = schedule
+    final = s.total_step - s.tfinal
+    budget, mask_now = budget_schedule(step, schedule=s)
+    mask = step == final or (step < final and mask_now)
+    k = s.init_bgt - budget if mask else 1
+    if mask and not 1 <= k <= s.init_bgt:
+        raise ConfigError(
+            f"AdaLoRA cannot mask to budget {budget} at step {step}: it must leave between 0 and {s.init_bgt - 1} "
+            f"of the {s.init_bgt} triplets masked (init budget {s.init_bgt}); check init_r > target_r"
+        )
+    flags = dict(update=step < final, mask=mask, reset=step == final, reapply=step > final)
+    arrays = {name: xp.asarray(flag, dtype=xp.bool, device=device) for name, flag in flags.items()}
+    return StepPlan(k=xp.asarray(k, device=device), **arrays)
+
+
+def allocate(
+    state: AllocatorState,
+    params: Mapping[str, Array],
+    grads: Mapping[str, Array],
+    plan: StepPlan,
+    /,
+    *,
+    schedule: Schedule,
+    adapter_name: str | None = None,
+) -> tuple[AllocatorState, dict[str, Array]]:
+    """:func:`update_and_allocate` without branches: ``(state, params)`` for the step ``plan`` describes.
+
+    ``Ī, Ū ← where(update, EMAs(p, g), Ī, Ū)``; ``θ = sort(scores)[k − 1]``;
+    ``masks ← where(mask, score > θ, masks)``; ``E ← E ⊙ masks`` where ``mask or reapply``;
+    ``Ī, Ū ← 0`` where ``reset``. ``state`` needs masks (``init_state(..., masks=True)``);
+    ``grads`` is always given and read only where ``update``. ``state.rank_pattern`` holds the masks.
+    """
+    if state.rank_pattern is None:
+        raise ConfigError("allocate needs a state that holds masks from the start: init_state(..., masks=True)")
+    xp = array_namespace(*params.values())
+    kw = dict(adapter_name=adapter_name)
+    updated = update_importance(state, params, grads, beta1=schedule.beta1, beta2=schedule.beta2, **kw)
+    exp_avg_ipt = {n: xp.where(plan.update, v, state.exp_avg_ipt[n]) for n, v in updated.exp_avg_ipt.items()}
+    exp_avg_unc = {n: xp.where(plan.update, v, state.exp_avg_unc[n]) for n, v in updated.exp_avg_unc.items()}
+    scores = triplet_scores(AllocatorState(exp_avg_ipt, exp_avg_unc), params, **kw)
+    ordered = xp.sort(xp.concat(list(scores.values())))
+    threshold = xp.take(ordered, xp.reshape(plan.k - 1, (1,)))
+    masks = {n: xp.where(plan.mask, score > threshold, _lookup(state.rank_pattern, n)) for n, score in scores.items()}
+    # a step that neither masks nor re-applies leaves E as it is: keep every triplet
+    idle = xp.logical_not(xp.logical_or(plan.mask, plan.reapply))
+    params = apply_rank_pattern(params, rank_pattern={n: xp.logical_or(m, idle) for n, m in masks.items()}, **kw)
+    exp_avg_ipt = {n: xp.where(plan.reset, xp.zeros_like(v), v) for n, v in exp_avg_ipt.items()}
+    exp_avg_unc = {n: xp.where(plan.reset, xp.zeros_like(v), v) for n, v in exp_avg_unc.items()}
+    return AllocatorState(exp_avg_ipt, exp_avg_unc, masks), params
 
 
 def rank_pattern_to_lists(

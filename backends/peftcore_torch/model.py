@@ -41,6 +41,7 @@ from peftcore_torch.layers import (
 )
 from peftcore_torch.methods import TorchMethod, register_torch_method, torch_method
 from peftcore_torch.state import LoadReport, get_peft_model_state_dict, set_peft_model_state_dict
+from peftcore_torch.wrapper import WrapperMixin
 
 __all__ = ["LoraModel", "PeftModel", "TunerModel", "get_peft_model"]
 
@@ -356,7 +357,7 @@ class LoraModel(TunerModel):
 LORA = register_torch_method(TorchMethod(peft_type="LORA", layer_cls=LoraLayer, tuner_cls=LoraModel))
 
 
-class PeftModel(nn.Module):
+class PeftModel(WrapperMixin, nn.Module):
     """A model with adapters, as ``peft.PeftModel``: forward passes through the method's tuner model
     (``base_model``: ``LoraModel``, ``IA3Model``, ``AdaLoraModel``), adapters are managed here."""
 
@@ -400,30 +401,6 @@ class PeftModel(nn.Module):
             return self.get_base_model().generate(*args, **kwargs)
         with self.base_model.mixed_batch(adapter_names, num_beams=kwargs.get("num_beams")):
             return self.get_base_model().generate(*args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_model" or name.startswith("_"):
-                raise
-            return getattr(self.base_model, name)
-
-    # -- parameters ------------------------------------------------------------------------------
-
-    def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        """``(trainable, total)`` parameter counts (tied parameters counted once, as ``named_parameters``)."""
-        trainable = total = 0
-        for _, param in self.named_parameters():
-            total += param.numel()
-            if param.requires_grad:
-                trainable += param.numel()
-        return trainable, total
-
-    def print_trainable_parameters(self) -> None:
-        trainable, total = self.get_nb_trainable_parameters()
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: "
-              f"{100 * trainable / total:.4f}")
 
     # -- adapters --------------------------------------------------------------------------------
 

@@ -33,6 +33,7 @@ from peftcore.random import Sampler
 from peftcore_torch.layers import ModulesToSaveWrapper
 from peftcore_torch.prompt_encoders import PromptEncoderParams, initial_params
 from peftcore_torch.sampler import TorchSampler
+from peftcore_torch.wrapper import WrapperMixin
 from peftcore_torch.state import LoadReport
 
 __all__ = ["PromptLearningModel", "base_model_name"]
@@ -75,7 +76,7 @@ def fill_cache(cache: Cache, layout: tuple[tuple[torch.Tensor, ...], ...]) -> No
         target.update(key, value, layer_idx)
 
 
-class PromptLearningModel(nn.Module):
+class PromptLearningModel(WrapperMixin, nn.Module):
     """A transformers model with prompt-learning adapters (peft's ``PeftModel`` on a prompt-learning config).
 
     Subclasses are peft's task models (``PeftModelForCausalLM`` ...); this base wires the adapters.
@@ -113,27 +114,6 @@ class PromptLearningModel(nn.Module):
 
     def get_base_model(self) -> nn.Module:
         return self.base_model
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_model" or name.startswith("_"):
-                raise
-            return getattr(self.base_model, name)
-
-    def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        trainable = total = 0
-        for _, param in self.named_parameters():
-            total += param.numel()
-            if param.requires_grad:
-                trainable += param.numel()
-        return trainable, total
-
-    def print_trainable_parameters(self) -> None:
-        trainable, total = self.get_nb_trainable_parameters()
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: "
-              f"{100 * trainable / total:.4f}")
 
     # -- adapters --------------------------------------------------------------------------------
 

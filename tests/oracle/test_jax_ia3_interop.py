@@ -18,55 +18,22 @@ peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
 import peftcore_jax as pj  # noqa: E402
-from examples import jax_llama  # noqa: E402
 from peftcore.methods.ia3 import IA3Config  # noqa: E402
+
+from tests.oracle.jax_torch_llama import IDS, fp32_jax, llama  # noqa: E402,F401  (fixtures)
+from tests.oracle.jax_torch_llama import jax_logits as _jax_logits  # noqa: E402
+from tests.oracle.jax_torch_llama import rel_err as _rel_err  # noqa: E402
+from tests.oracle.jax_torch_llama import tiny_llama as _base  # noqa: E402
+from tests.oracle.jax_torch_llama import torch_logits as _torch_logits  # noqa: E402
 
 pytestmark = pytest.mark.oracle
 
-IDS = np.array([[5, 17, 3, 63, 0, 9, 42], [1, 2, 3, 4, 5, 6, 7]])
 CASES = {
     "explicit": dict(target_modules=["q_proj", "k_proj", "up_proj", "down_proj"], feedforward_modules=["down_proj"]),
     "llama_defaults": dict(),
     "regex": dict(target_modules=r".*layers\.1\.(self_attn\.v_proj|mlp\.gate_proj)",
                   feedforward_modules=r".*mlp\.gate_proj"),
 }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def fp32_jax():
-    previous = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", False)
-    yield
-    jax.config.update("jax_enable_x64", previous)
-
-
-def _base():
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=64)
-    return transformers.LlamaForCausalLM(config).eval()
-
-
-@pytest.fixture(scope="module")
-def llama():
-    model = _base()
-    params = jax_llama.params_from_state_dict({k: v.detach().numpy() for k, v in model.state_dict().items()})
-    return params, jax_llama.spec_from_hf_config(model.config)
-
-
-def _torch_logits(model) -> np.ndarray:
-    with torch.no_grad():
-        return model(input_ids=torch.as_tensor(IDS)).logits.numpy()
-
-
-def _jax_logits(params, spec, adapters=None) -> np.ndarray:
-    return np.asarray(jax.jit(jax_llama.forward, static_argnames="spec")(params, jnp.asarray(IDS), spec=spec,
-                                                                         adapters=adapters))
-
-
-def _rel_err(actual, expected) -> float:
-    actual, expected = np.asarray(actual, dtype=np.float64), np.asarray(expected, dtype=np.float64)
-    return float(np.max(np.abs(actual - expected)) / np.max(np.abs(expected)))
 
 
 def _peft_model(case, seed=1):

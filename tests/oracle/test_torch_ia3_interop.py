@@ -1,4 +1,4 @@
-"""(IA)³ checkpoints between peftcore_torch and real peft 0.21.2, both ways, on tiny Llama, GPT-2 and BERT.
+"""(IA)³ checkpoints between peftcore_torch and real peft 0.21.2, both ways, on tiny Llama, GPT-2, BERT and T5.
 
 A peft-saved adapter loads here (``from_pretrained``, ``load_adapter``) with peft's outputs and state;
 ours loads in peft with no missing or unexpected keys and the same outputs; the configs agree.
@@ -37,7 +37,9 @@ def bases() -> dict[str, torch.nn.Module]:
     bert = transformers.BertForSequenceClassification(transformers.BertConfig(
         hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, vocab_size=64,
         max_position_embeddings=32, num_labels=3))
-    return {"llama": llama.eval(), "gpt2": gpt2.eval(), "bert": bert.eval()}
+    t5 = transformers.T5ForConditionalGeneration(transformers.T5Config(
+        d_model=16, d_ff=32, d_kv=8, num_layers=2, num_heads=2, vocab_size=64, decoder_start_token_id=0))
+    return {"llama": llama.eval(), "gpt2": gpt2.eval(), "bert": bert.eval(), "t5": t5.eval()}
 
 
 CASES = {
@@ -45,6 +47,7 @@ CASES = {
     "gpt2": ("gpt2", dict(target_modules=["c_attn", "mlp.c_proj"], feedforward_modules=["mlp.c_proj"])),
     "bert-seq-cls": ("bert", dict(task_type="SEQ_CLS", target_modules=["query", "intermediate.dense"],
                                   feedforward_modules=["intermediate.dense"], modules_to_save=["classifier"])),
+    "t5-seq2seq-defaults": ("t5", dict(task_type="SEQ_2_SEQ_LM")),  # peft's table: k, v, wo (feed-forward)
 }
 
 
@@ -63,8 +66,9 @@ def _build(module, bases, name: str, seed: int):
 
 
 def _logits(model) -> torch.Tensor:
+    seq2seq = {"decoder_input_ids": IDS[:, :4]} if getattr(model.config, "is_encoder_decoder", False) else {}
     with torch.no_grad():
-        return model(input_ids=IDS).logits
+        return model(input_ids=IDS, **seq2seq).logits
 
 
 def _assert_close(actual: torch.Tensor, desired: torch.Tensor) -> None:

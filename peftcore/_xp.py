@@ -21,6 +21,7 @@ from array_api_compat import (
 __all__ = [
     "Array",
     "add_matmul",
+    "factor_transpose",
     "Namespace",
     "array_namespace",
     "compute_dtype",
@@ -91,6 +92,22 @@ def to_device_of(x: Array, like: Array, *, xp: Namespace) -> Array:
     if len(getattr(device, "device_set", ())) > 1:
         return x
     return array_api_compat.to_device(x, device)
+
+
+def factor_transpose(factor: Array, *, xp: Namespace) -> Array:
+    """``factor.T`` of a 2-d LoRA factor, for the right-hand side of a product (``h @ Bᵀ``).
+
+    JAX delegation point: the transpose sits behind ``jax.lax.optimization_barrier``, so XLA cannot
+    fold it into the dot of ``B``'s gradient. Folded, that gradient is ``gᵀ·h`` contracting over the
+    tokens, which XLA:CPU runs 2.5× slower than the same-size ``hᵀ·g`` it computes behind the barrier
+    (a jitted LoRA Linear step: 1.22 -> ~1.1 of the plain layer, 1024 tokens, d=1024, r=16). The
+    barrier is an identity in value and differentiable in both modes (``jvp``, ``vmap``, ``hessian``).
+    """
+    if is_jax_namespace(xp):
+        import jax  # already imported: factor is a JAX array
+
+        return jax.lax.optimization_barrier(factor.T)
+    return factor.T
 
 
 def stop_gradient(x: Array, *, xp: Namespace) -> Array:

@@ -19,7 +19,15 @@ import math
 from numbers import Real
 
 from peftcore._conv import conv_nd
-from peftcore._xp import Array, Namespace, add_matmul, array_namespace, compute_dtype, stop_gradient
+from peftcore._xp import (
+    Array,
+    Namespace,
+    add_matmul,
+    array_namespace,
+    compute_dtype,
+    factor_transpose,
+    stop_gradient,
+)
 from peftcore.errors import ConfigError, MergeError, ShapeMismatchError, UnsupportedLayerError
 
 __all__ = [
@@ -87,7 +95,7 @@ def linear_update(
     """
     xp = array_namespace(x, lora_A, lora_B, lora_B_bias)
     hidden, lora_B = _hidden(x, lora_A, lora_B, lora_B_bias, xp=xp)
-    update = (hidden * scaling) @ lora_B.T
+    update = (hidden * scaling) @ factor_transpose(lora_B, xp=xp)
     if lora_B_bias is not None:
         update = update + lora_B_bias * scaling
     return update
@@ -127,7 +135,7 @@ def linear_forward(
         total = total + lora_B_bias * scaling
     # an array made here (by the promotion or the bias) is ours to accumulate into
     owned = donate_result or total is not result
-    total = add_matmul(total, hidden, lora_B.T, alpha=scaling, xp=xp, donate_c=owned)
+    total = add_matmul(total, hidden, factor_transpose(lora_B, xp=xp), alpha=scaling, xp=xp, donate_c=owned)
     return _cast(total, result.dtype, xp=xp)
 
 

@@ -41,6 +41,7 @@ from peftcore_jax.params import ActiveAdapters, AdaLoraParams, Adapters, IA3Para
 from peftcore_jax.partition import combine, partition, trainable_mask
 from peftcore_jax.sharding import adapter_shardings, shard_adapters
 from peftcore_jax.tree import find_modules, leaf_paths, module_names, replace_leaves
+from peftcore_jax.weighted import add_weighted_adapter
 
 __all__ = [
     "FLAX",
@@ -57,6 +58,7 @@ __all__ = [
     "LoraAdapters",
     "LoraParams",
     "StepPlan",
+    "add_weighted_adapter",
     "adapter_shardings",
     "adapter_state_dict",
     "adapters_from_state_dict",

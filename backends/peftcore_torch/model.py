@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import functools
 import os
 import warnings
@@ -29,6 +28,7 @@ from peftcore.errors import AdapterFileError, ConfigError, MergeError, PeftcoreE
 from peftcore.io import load_adapter as _read_adapter
 from peftcore.io import save_adapter as _write_adapter
 from peftcore.methods.lora import weighted
+from peftcore.methods.lora.config import LoraConfig, weighted_adapter_config
 from peftcore.naming import DEFAULT_ADAPTER_NAME
 from peftcore.random import Sampler
 from peftcore_torch.inject import adapter_layers, inject_adapter, set_active_adapters
@@ -277,11 +277,8 @@ class LoraModel(TunerModel):
         """
         if adapter_name in self.peft_config:
             return
-        combination_type, new_rank, new_targets = self._check_add_weighted_adapter(
-            list(adapters), list(weights), combination_type, svd_rank)
-        first = self.peft_config[adapters[0]]
-        config = dataclasses.replace(first, r=new_rank, lora_alpha=new_rank, target_modules=new_targets,
-                                     alpha_pattern={}, rank_pattern={})
+        combination_type, config = self._check_add_weighted_adapter(list(adapters), list(weights), combination_type,
+                                                                    svd_rank)
         # the factors are overwritten below: never let an initialisation rewrite the base weights (PiSSA, ...)
         init_mode = config.init_lora_weights
         if init_mode not in (True, False, "gaussian"):
@@ -301,8 +298,9 @@ class LoraModel(TunerModel):
             raise
 
     def _check_add_weighted_adapter(self, adapters: list[str], weights: list[float], combination_type: str,
-                                    svd_rank: int | None) -> tuple[str, int, set[str] | str]:
-        """peft's ``_check_add_weighted_adapter``: ``(combination_type, new_rank, new_target_modules)``."""
+                                    svd_rank: int | None) -> tuple[str, LoraConfig]:
+        """What only the model can check (the adapters exist, no shared ``modules_to_save``); the rest is the
+        core's ``weighted_adapter_config``."""
         if not adapters:
             raise ConfigError("add_weighted_adapter needs at least one adapter to combine")
         if len(weights) != len(adapters):
@@ -311,47 +309,13 @@ class LoraModel(TunerModel):
         for adapter in adapters:
             if adapter not in self.peft_config:
                 raise ConfigError(f"Adapter {adapter} does not exist; known adapters: {sorted(self.peft_config)}")
-        configs = [self.peft_config[adapter] for adapter in adapters]
-        for adapter, config in zip(adapters, configs):
-            if config.target_parameters:
-                raise ConfigError(f"add_weighted_adapter does not support targeting nn.Parameter (problematic "
-                                  f"adapter '{adapter}')")
-            if config.use_dora:
-                raise ConfigError(f"add_weighted_adapter cannot combine DoRA adapters (adapter '{adapter}' has "
-                                  "use_dora=True): the magnitude of the combination is not defined")
-            if config.lora_bias:
-                raise ConfigError(f"add_weighted_adapter cannot combine adapters with lora_bias=True (adapter "
-                                  f"'{adapter}')")
         shared = [name for name, layer in self._layers() if isinstance(layer, ModulesToSaveWrapper)
                   and sum(adapter in layer.modules_to_save for adapter in adapters) > 1]
         if shared:
             raise ConfigError("Cannot add weighted adapters if they target the same module with modules_to_save, "
                               f"but found {len(shared)} such instance(s): {shared}")
-        combination_type = "linear" if len(adapters) == 1 else combination_type
-        # the new adapter must hold the largest rank any layer of each adapter has
-        ranks = [max(config.r, *config.rank_pattern.values()) if config.rank_pattern else config.r
-                 for config in configs]
-        if combination_type == "linear":
-            if len(set(ranks)) != 1:
-                raise ConfigError(f"All adapters must have the same r value when using combination_type linear; "
-                                  f"got ranks {dict(zip(adapters, ranks))}")
-            new_rank = ranks[0]
-        elif combination_type == "cat":
-            new_rank = sum(ranks)
-        elif combination_type == "svd":
-            new_rank = svd_rank or max(ranks)
-        else:
-            raise ConfigError(f"Invalid combination_type: {combination_type!r}; peftcore supports 'svd', 'linear' "
-                              "and 'cat'")
-        target_types = {type(config.target_modules) for config in configs}
-        if len(target_types) > 1:
-            raise ConfigError("all adapter configs should follow the same target modules type. Combining adapters "
-                              "with `target_modules` type being a mix of list/set and string is not supported.")
-        if target_types == {str}:
-            return combination_type, new_rank, "|".join(f"({config.target_modules})" for config in configs)
-        if target_types != {set}:
-            raise ConfigError(f"Invalid type {target_types.pop()} found in target_modules")
-        return combination_type, new_rank, set().union(*(config.target_modules for config in configs))
+        return weighted_adapter_config([self.peft_config[adapter] for adapter in adapters], adapter_names=adapters,
+                                       combination_type=combination_type, svd_rank=svd_rank)
 
 
 LORA = register_torch_method(TorchMethod(peft_type="LORA", layer_cls=LoraLayer, tuner_cls=LoraModel))

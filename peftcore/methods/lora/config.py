@@ -10,13 +10,13 @@ from __future__ import annotations
 import dataclasses
 import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 from peftcore.config import PeftConfig, UnknownConfigFieldsWarning
 from peftcore.errors import ConfigError
 
-__all__ = ["INIT_LORA_WEIGHTS_MODES", "LoraConfig"]
+__all__ = ["INIT_LORA_WEIGHTS_MODES", "LoraConfig", "weighted_adapter_config"]
 
 #: String values ``peft`` accepts for ``init_lora_weights`` (plus ``pissa_niter_<K>``).
 INIT_LORA_WEIGHTS_MODES = ("gaussian", "eva", "olora", "pissa", "corda", "loftq", "orthogonal", "mica", "lora_ga")
@@ -287,3 +287,61 @@ class LoraConfig(PeftConfig):
         """``K`` of ``init_lora_weights="pissa_niter_K"``, else ``None``."""
         match = _PISSA_NITER.fullmatch(str(self.init_lora_weights))
         return int(match.group(1)) if match else None
+
+
+def weighted_adapter_config(
+    configs: Sequence[LoraConfig], /, *, adapter_names: Sequence[str], combination_type: str = "svd",
+    svd_rank: int | None = None,
+) -> tuple[str, LoraConfig]:
+    """``(combination_type, config)`` of ``add_weighted_adapter``'s new adapter (peft's
+    ``LoraModel._check_add_weighted_adapter`` and the config it builds).
+
+    One adapter always combines ``"linear"``. The new rank is the adapters' common rank (``linear``), their
+    sum (``cat``) or ``svd_rank`` / the largest (``svd``), each adapter's rank being the largest any of its
+    layers has; the config is the first one's with ``r = lora_alpha =`` that rank (scaling 1), no
+    rank/alpha patterns and the targets of all (sets unioned, regex strings joined as ``"(a)|(b)"``).
+    DoRA, ``lora_bias`` and ``target_parameters`` adapters are refused (their combination is undefined).
+    """
+    configs, adapter_names = list(configs), list(adapter_names)
+    if not configs or len(configs) != len(adapter_names):
+        raise ConfigError(f"add_weighted_adapter needs one config per adapter; got {len(configs)} configs for "
+                          f"adapters {adapter_names}")
+    for adapter, config in zip(adapter_names, configs):
+        if not isinstance(config, LoraConfig):
+            raise ConfigError(f"add_weighted_adapter combines LoRA adapters; '{adapter}' is a {type(config).__name__}")
+        if config.target_parameters:
+            raise ConfigError(f"add_weighted_adapter does not support targeting nn.Parameter (problematic "
+                              f"adapter '{adapter}')")
+        if config.use_dora:
+            raise ConfigError(f"add_weighted_adapter cannot combine DoRA adapters (adapter '{adapter}' has "
+                              "use_dora=True): the magnitude of the combination is not defined")
+        if config.lora_bias:
+            raise ConfigError(f"add_weighted_adapter cannot combine adapters with lora_bias=True (adapter "
+                              f"'{adapter}')")
+    combination_type = "linear" if len(configs) == 1 else combination_type
+    ranks = [max(config.r, *config.rank_pattern.values()) if config.rank_pattern else config.r for config in configs]
+    if combination_type == "linear":
+        if len(set(ranks)) != 1:
+            raise ConfigError(f"All adapters must have the same r value when using combination_type linear; "
+                              f"got ranks {dict(zip(adapter_names, ranks))}")
+        new_rank = ranks[0]
+    elif combination_type == "cat":
+        new_rank = sum(ranks)
+    elif combination_type == "svd":
+        new_rank = svd_rank or max(ranks)
+    else:
+        raise ConfigError(f"Invalid combination_type: {combination_type!r}; peftcore supports 'svd', 'linear' "
+                          "and 'cat'")
+    target_types = {type(config.target_modules) for config in configs}
+    if len(target_types) > 1:
+        raise ConfigError("all adapter configs should follow the same target modules type. Combining adapters "
+                          "with `target_modules` type being a mix of list/set and string is not supported.")
+    if target_types == {str}:
+        targets: set[str] | str = "|".join(f"({config.target_modules})" for config in configs)
+    elif target_types == {set}:
+        targets = set().union(*(config.target_modules for config in configs))
+    else:
+        raise ConfigError(f"Invalid type {target_types.pop()} found in target_modules")
+    config = dataclasses.replace(configs[0], r=new_rank, lora_alpha=new_rank, target_modules=targets,
+                                 alpha_pattern={}, rank_pattern={})
+    return combination_type, config

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from peftcore.errors import ConfigError, PeftcoreError
+from peftcore.errors import ConfigError
 from peftcore.methods.ia3 import ops as ia3_ops
 from peftcore.methods.ia3.config import weighted_adapter_config as ia3_weighted_config
 from peftcore.methods.lora import ops as lora_ops
@@ -74,18 +74,10 @@ def add_weighted_adapter(
 def _lora_module(path: str, present: list[tuple[LoraParams, float]], *, combination_type: str, rank: int,
                  scaling: float, dropout: float, clamp: float | None, full_matrices: bool) -> LoraParams:
     first = present[0][0]
-    options = dict(weights=[w for _, w in present], scalings=[p.scaling for p, _ in present], rank=rank)
-    lora_As, lora_Bs = [p.lora_A for p, _ in present], [p.lora_B for p, _ in present]
-    try:
-        if combination_type == "cat":
-            combined = weighted.cat_combination(lora_As, lora_Bs, **options)
-        elif combination_type == "linear":
-            combined = weighted.linear_combination(lora_As, lora_Bs, **options)
-        else:
-            combined = weighted.svd_combination(lora_As, lora_Bs, clamp=clamp, full_matrices=full_matrices,
-                                                **options)
-    except PeftcoreError as exc:
-        raise type(exc)(f"{path}: {exc}") from exc
+    combined = weighted.combination([p.lora_A for p, _ in present], [p.lora_B for p, _ in present],
+                                    combination_type=combination_type, weights=[w for _, w in present],
+                                    scalings=[p.scaling for p, _ in present], rank=rank, clamp=clamp,
+                                    full_matrices=full_matrices, name=path)
     return LoraParams(combined.lora_A, combined.lora_B, kind=first.kind, scaling=scaling,
                       fan_in_fan_out=first.fan_in_fan_out, dropout=dropout)
 

@@ -24,7 +24,7 @@ from torch import nn
 
 from peftcore.config import PeftConfig
 from peftcore.constants import EMBEDDING_LAYER_NAMES, TASK_TYPE_MODULES_TO_SAVE
-from peftcore.errors import AdapterFileError, ConfigError, MergeError, PeftcoreError
+from peftcore.errors import AdapterFileError, ConfigError, MergeError
 from peftcore.io import load_adapter as _read_adapter
 from peftcore.io import save_adapter as _write_adapter
 from peftcore.methods.lora import weighted
@@ -569,16 +569,8 @@ def _combine_into(layer: LoraLayer, name: str, adapter_name: str, adapters: Sequ
     factors = [layer._factors(adapter) for adapter, _ in present]
     lora_As = [lora_A.detach() for lora_A, _, _ in factors]
     lora_Bs = [lora_B.detach() for _, lora_B, _ in factors]
-    options = dict(weights=[float(w) for _, w in present], scalings=[layer.scaling[a] for a, _ in present],
-                   rank=layer.r[adapter_name])
-    try:
-        if combination_type == "cat":
-            combined = weighted.cat_combination(lora_As, lora_Bs, **options)
-        elif combination_type == "linear":
-            combined = weighted.linear_combination(lora_As, lora_Bs, **options)
-        else:
-            combined = weighted.svd_combination(lora_As, lora_Bs, clamp=clamp, full_matrices=full_matrices, svd=svd,
-                                                **options)
-    except PeftcoreError as exc:
-        raise type(exc)(f"{name}: {exc}") from exc
+    combined = weighted.combination(lora_As, lora_Bs, combination_type=combination_type,
+                                    weights=[float(w) for _, w in present],
+                                    scalings=[layer.scaling[a] for a, _ in present], rank=layer.r[adapter_name],
+                                    clamp=clamp, full_matrices=full_matrices, svd=svd, name=name)
     layer.set_factors(adapter_name, combined.lora_A, combined.lora_B)

@@ -30,6 +30,7 @@ from peftcore.errors import ConfigError, ShapeMismatchError
 __all__ = [
     "CombinedFactors",
     "cat_combination",
+    "combination",
     "linear_combination",
     "svd_combination",
     "svd_factors",
@@ -181,6 +182,34 @@ def svd_combination(
 
 
 # --- helpers --------------------------------------------------------------------------------------
+
+
+def combination(
+    lora_As: Sequence[Array],
+    lora_Bs: Sequence[Array],
+    /,
+    *,
+    combination_type: str,
+    weights: Sequence[float],
+    scalings: Sequence[float],
+    rank: int,
+    clamp: float | None = None,
+    full_matrices: bool = True,
+    svd: Callable[..., tuple[Array, Array, Array]] | None = None,
+    name: str = "",
+) -> CombinedFactors:
+    """The ``combination_type`` (``"cat"``, ``"linear"``, ``"svd"``) of one layer's adapters; errors name ``name``."""
+    options = dict(weights=weights, scalings=scalings, rank=rank)
+    try:
+        if combination_type == "cat":
+            return cat_combination(lora_As, lora_Bs, **options)
+        if combination_type == "linear":
+            return linear_combination(lora_As, lora_Bs, **options)
+        if combination_type == "svd":
+            return svd_combination(lora_As, lora_Bs, clamp=clamp, full_matrices=full_matrices, svd=svd, **options)
+    except (ConfigError, ShapeMismatchError) as exc:
+        raise type(exc)(f"{name}: {exc}" if name else str(exc)) from exc
+    raise ConfigError(f"Invalid combination_type: {combination_type!r}; peftcore supports 'svd', 'linear' and 'cat'")
 
 
 def _cast(x: Array, dtype, *, xp: Namespace) -> Array:

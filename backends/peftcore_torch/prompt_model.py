@@ -288,6 +288,10 @@ class PromptLearningModel(WrapperMixin, nn.Module):
             warnings.warn("Token type ids are not supported for parameter efficient tuning. Ignoring token type ids")
             kwargs["token_type_ids"] = None
 
+    def _cache_taker(self) -> nn.Module:
+        """The module whose forward names the cache keyword (task models whose backbone takes it override)."""
+        return self.base_model
+
     def _set_cache(self, kwargs: dict[str, Any], cache: Cache, *, model: nn.Module | None = None) -> None:
         name = cache_argument(model or self.base_model) or "past_key_values"
         kwargs.pop("cache", None)

@@ -53,33 +53,47 @@ def _two_dimensional(mask: Any) -> torch.Tensor:
     return mask
 
 
+def _prompted_forward(model: PromptLearningModel, input_ids: Any, inputs_embeds: Any, attention_mask: Any,
+                      kwargs: dict[str, Any], *, extend_labels: bool = False,
+                      keep_token_type_ids: bool = False) -> Any:
+    """peft's prompt-learning forward for models fed ``inputs_embeds`` (causal LM, classification, features).
+
+    ``kwargs`` hold every other argument of the base model (labels included). Prefix tuning puts the prefix
+    in the model's cache and shifts ``position_ids``; the other methods prepend the prompt, extend the mask
+    with ones (and, where the task asks, the labels with -100 and the token types with 0).
+    """
+    if model._adapters_disabled:
+        return model.base_model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                                **kwargs)
+    config = model.active_peft_config
+    tokens = config.num_virtual_tokens
+    batch_size = batch_size_of(input_ids, inputs_embeds)
+    if attention_mask is not None:
+        attention_mask = pl.extend_attention_mask(attention_mask, num_virtual_tokens=tokens)
+    model._adjust_kwargs(config, kwargs, remove_token_type_ids=not keep_token_type_ids)
+    kwargs["attention_mask"] = attention_mask
+    if str(config.peft_type) == _PREFIX:
+        model._set_cache(kwargs, model.get_prompt(batch_size), model=model._cache_taker())
+        return model.base_model(input_ids=input_ids, inputs_embeds=inputs_embeds, **kwargs)
+    if keep_token_type_ids and kwargs.get("token_type_ids") is not None:
+        kwargs["token_type_ids"] = pl.extend_token_type_ids(kwargs["token_type_ids"], num_virtual_tokens=tokens)
+    if extend_labels and kwargs.get("labels") is not None:
+        kwargs["labels"] = pl.extend_labels(kwargs["labels"], num_virtual_tokens=tokens)
+    if inputs_embeds is None:
+        inputs_embeds = model.word_embeddings(input_ids)
+    inputs_embeds = pl.prepend_virtual_tokens(model.get_prompt(batch_size), inputs_embeds)
+    return model.base_model(inputs_embeds=inputs_embeds, **kwargs)
+
+
 class PromptModelForCausalLM(PromptLearningModel):
     """peft's ``PeftModelForCausalLM`` for prompt tuning, prefix tuning and P-tuning."""
 
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, output_attentions=None,
                 output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
         kwargs = {k: v for k, v in kwargs.items() if k not in self.special_peft_forward_args}
-        if self._adapters_disabled:
-            return self.base_model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-                                   labels=labels, output_attentions=output_attentions,
-                                   output_hidden_states=output_hidden_states, return_dict=return_dict, **kwargs)
-        config = self.active_peft_config
-        tokens = config.num_virtual_tokens
-        batch_size = batch_size_of(input_ids, inputs_embeds)
-        if attention_mask is not None:
-            attention_mask = pl.extend_attention_mask(attention_mask, num_virtual_tokens=tokens)
-        self._adjust_kwargs(config, kwargs)
-        kwargs.update(attention_mask=attention_mask, labels=labels, output_attentions=output_attentions,
-                      output_hidden_states=output_hidden_states, return_dict=return_dict)
-        if str(config.peft_type) == _PREFIX:
-            self._set_cache(kwargs, self.get_prompt(batch_size))
-            return self.base_model(input_ids=input_ids, inputs_embeds=inputs_embeds, **kwargs)
-        if inputs_embeds is None:
-            inputs_embeds = self.word_embeddings(input_ids)
-        if labels is not None:
-            kwargs["labels"] = pl.extend_labels(labels, num_virtual_tokens=tokens)
-        inputs_embeds = pl.prepend_virtual_tokens(self.get_prompt(batch_size), inputs_embeds)
-        return self.base_model(inputs_embeds=inputs_embeds, **kwargs)
+        kwargs.update(labels=labels, output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                      return_dict=return_dict)
+        return _prompted_forward(self, input_ids, inputs_embeds, attention_mask, kwargs, extend_labels=True)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         if self._adapters_disabled:
@@ -227,28 +241,9 @@ class PromptModelForSequenceClassification(PromptLearningModel):
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, output_attentions=None,
                 output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
         kwargs = {k: v for k, v in kwargs.items() if k not in self.special_peft_forward_args}
-        return_dict = _return_dict(self.base_model, return_dict)
-        if self._adapters_disabled:
-            return self.base_model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-                                   labels=labels, output_attentions=output_attentions,
-                                   output_hidden_states=output_hidden_states, return_dict=return_dict, **kwargs)
-        config = self.active_peft_config
-        tokens = config.num_virtual_tokens
-        batch_size = batch_size_of(input_ids, inputs_embeds)
-        if attention_mask is not None:
-            attention_mask = pl.extend_attention_mask(attention_mask, num_virtual_tokens=tokens)
-        self._adjust_kwargs(config, kwargs, remove_token_type_ids=False)
-        kwargs.update(attention_mask=attention_mask, labels=labels, output_attentions=output_attentions,
-                      output_hidden_states=output_hidden_states, return_dict=return_dict)
-        if str(config.peft_type) == _PREFIX:
-            self._set_cache(kwargs, self.get_prompt(batch_size), model=self._cache_taker())
-            return self.base_model(input_ids=input_ids, inputs_embeds=inputs_embeds, **kwargs)
-        if kwargs.get("token_type_ids") is not None:
-            kwargs["token_type_ids"] = pl.extend_token_type_ids(kwargs["token_type_ids"], num_virtual_tokens=tokens)
-        if inputs_embeds is None:
-            inputs_embeds = self.word_embeddings(input_ids)
-        inputs_embeds = pl.prepend_virtual_tokens(self.get_prompt(batch_size), inputs_embeds)
-        return self.base_model(inputs_embeds=inputs_embeds, **kwargs)
+        kwargs.update(labels=labels, output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                      return_dict=_return_dict(self.base_model, return_dict))
+        return _prompted_forward(self, input_ids, inputs_embeds, attention_mask, kwargs, keep_token_type_ids=True)
 
     def _cache_taker(self) -> torch.nn.Module:
         """The module whose forward names the cache keyword: the task model, or the backbone its ``**kwargs``
@@ -275,20 +270,4 @@ class PromptModelForFeatureExtraction(PromptLearningModel):
         kwargs = {k: v for k, v in kwargs.items() if k not in self.special_peft_forward_args}
         kwargs.update(output_attentions=output_attentions, output_hidden_states=output_hidden_states,
                       return_dict=return_dict)
-        if self._adapters_disabled:
-            return self.base_model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-                                   **kwargs)
-        config = self.active_peft_config
-        tokens = config.num_virtual_tokens
-        batch_size = batch_size_of(input_ids, inputs_embeds)
-        if attention_mask is not None:
-            attention_mask = pl.extend_attention_mask(attention_mask, num_virtual_tokens=tokens)
-        self._adjust_kwargs(config, kwargs)
-        kwargs["attention_mask"] = attention_mask
-        if str(config.peft_type) == _PREFIX:
-            self._set_cache(kwargs, self.get_prompt(batch_size))
-            return self.base_model(input_ids=input_ids, inputs_embeds=inputs_embeds, **kwargs)
-        if inputs_embeds is None:
-            inputs_embeds = self.word_embeddings(input_ids)
-        inputs_embeds = pl.prepend_virtual_tokens(self.get_prompt(batch_size), inputs_embeds)
-        return self.base_model(inputs_embeds=inputs_embeds, **kwargs)
+        return _prompted_forward(self, input_ids, inputs_embeds, attention_mask, kwargs)

@@ -64,13 +64,6 @@ class AdaLoraLayer(TunerLayer):
         self.lora_alpha: dict[str, float] = {}
         self.ranknum: dict[str, int] = {}
         self.scaling: dict[str, float] = {}
-        weight = base_layer.weight
-        if kind == "conv2d":
-            self.in_features, self.out_features = base_layer.in_channels, base_layer.out_channels
-        elif kind == "conv1d_gpt2":
-            self.in_features, self.out_features = weight.shape
-        else:
-            self.out_features, self.in_features = weight.shape
 
     @classmethod
     def wrap(cls, target: nn.Module, *, key: str, config: AdaLoraConfig) -> AdaLoraLayer:

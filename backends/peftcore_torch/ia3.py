@@ -50,12 +50,6 @@ class IA3Layer(TunerLayer):
         self.is_feedforward = is_feedforward
         self.fan_in_fan_out = torch_kind == "conv1d_gpt2"
         self.groups = getattr(base_layer, "groups", 1) if self.kind == "conv" else 1
-        if torch_kind == "conv":
-            self.in_features, self.out_features = base_layer.in_channels, base_layer.out_channels
-        elif self.fan_in_fan_out:
-            self.in_features, self.out_features = base_layer.weight.shape
-        else:
-            self.out_features, self.in_features = base_layer.weight.shape
 
     @classmethod
     def wrap(cls, target: nn.Module, *, key: str, config: IA3Config) -> IA3Layer:

@@ -130,6 +130,17 @@ def layer_kind(module: nn.Module) -> str | None:
     return None
 
 
+def base_features(module: nn.Module) -> tuple[int, int]:
+    """``(in_features, out_features)`` of an adaptable base layer (GPT-2 ``Conv1D`` stores ``(in, out)``)."""
+    kind = layer_kind(module)
+    if kind == "embedding":
+        return module.num_embeddings, module.embedding_dim
+    if kind == "conv":
+        return module.in_channels, module.out_channels
+    rows, cols = module.weight.shape
+    return (rows, cols) if kind == "conv1d_gpt2" else (cols, rows)
+
+
 def check_fan_in_fan_out(config: Any, module: nn.Module) -> None:
     """peft's per-layer correction of the (shared) config: ``fan_in_fan_out`` is False for ``nn.Linear``
     and True for GPT-2 ``Conv1D``, each change announced with peft's warning."""
@@ -186,6 +197,7 @@ class TunerLayer(nn.Module):
         super().__init__()
         self.base_layer = base_layer
         self.kind = kind
+        self.in_features, self.out_features = base_features(base_layer)
         self.merged_adapters: list[str] = []
         self._active_adapters: list[str] = []
         self._disable_adapters = False
@@ -310,13 +322,6 @@ class LoraLayer(TunerLayer):
         self._dora_norms: dict[str, torch.Tensor] = {}
         if kind == "conv1d_gpt2" and type(base_layer).__module__ == "transformers.pytorch_utils":
             _FRESH_OUTPUT_TYPES.add(type(base_layer))
-        if kind in ("linear", "conv1d_gpt2"):
-            weight = base_layer.weight
-            self.in_features, self.out_features = weight.shape[::-1] if kind == "linear" else weight.shape
-        elif kind == "embedding":
-            self.in_features, self.out_features = base_layer.num_embeddings, base_layer.embedding_dim
-        else:
-            self.in_features, self.out_features = base_layer.in_channels, base_layer.out_channels
 
     @classmethod
     def wrap(cls, target: nn.Module, *, key: str, config: Any) -> LoraLayer:

@@ -12,39 +12,14 @@ JAX is timed under ``jax.jit`` (where the Python layer disappears) and eagerly.
 from __future__ import annotations
 
 import importlib.util
-import statistics
-import time
 
 import numpy as np
 
+from _timing import medians, paired_rounds
 from peftcore._xp import array_namespace
 from peftcore.methods.lora import ops
 
 D, R, SCALING = 1024, 16, 2.0
-
-
-def paired_times(first, second, *, rounds: int = 15, min_time: float = 0.02) -> tuple[float, float]:
-    """Median time per call of ``first`` and ``second``, measured in alternating rounds.
-
-    Alternating keeps a noisy machine's slow spells from landing on one side only.
-    """
-    first(), second()
-    calls = 1
-    while True:
-        start = time.perf_counter()
-        for _ in range(calls):
-            first()
-        if time.perf_counter() - start >= min_time:
-            break
-        calls *= 2
-    times: tuple[list[float], list[float]] = ([], [])
-    for _ in range(rounds):
-        for fn, bucket in ((first, times[0]), (second, times[1])):
-            start = time.perf_counter()
-            for _ in range(calls):
-                fn()
-            bucket.append((time.perf_counter() - start) / calls)
-    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def cases(tokens: int):
@@ -87,7 +62,9 @@ def main() -> None:
                     out.block_until_ready()
 
             array_namespace(args[0])  # warm the namespace cache for both sides alike
-            t_hand, t_ours = paired_times(lambda: run(hand), lambda: run(ours))
+            typical = medians(paired_rounds({"hand": lambda: run(hand), "ours": lambda: run(ours)}, rounds=15,
+                                            min_time=0.02))
+            t_hand, t_ours = typical["hand"], typical["ours"]
             print(f"{name:>12} | {tokens:>6} | {t_hand * 1e6:>9.1f} us | {t_ours * 1e6:>9.1f} us | {t_ours / t_hand:>6.2f}")
 
 

@@ -31,9 +31,7 @@ each round times every contestant back to back and the ratio reported is the med
 
 from __future__ import annotations
 
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -45,45 +43,12 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).res
 import peftcore_jax as pj  # noqa: E402
 from examples import jax_llama  # noqa: E402
 from peftcore import LoraConfig  # noqa: E402
+from _timing import medians, paired_rounds, ratio_stats  # noqa: E402
 
 D, R, SCALING = 1024, 16, 2.0
 GOAL = 1.10
 MODEL = dict(vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=4)
 HEADS, BATCH, SEQ = 4, 4, 128
-
-
-def paired_rounds(contestants: dict, *, rounds: int = 21, min_time: float = 0.05) -> dict[str, list[float]]:
-    """Seconds per call of each ``{name: fn}`` in every round; rounds alternate the contestants.
-
-    Each round calls every contestant the same number of times in turn (the order flips every round), so a
-    noisy machine's slow spells land on all of them alike; every ``fn`` must block until its result is ready.
-    """
-    for fn in contestants.values():
-        fn()
-    slowest = max(contestants.values(), key=lambda fn: _once(fn))
-    calls = 1
-    while _once(slowest, calls) < min_time:
-        calls *= 2
-    times: dict[str, list[float]] = {name: [] for name in contestants}
-    for i in range(rounds):
-        order = list(contestants.items())[:: 1 if i % 2 == 0 else -1]
-        for name, fn in order:
-            times[name].append(_once(fn, calls) / calls)
-    return times
-
-
-def ratio_stats(times: dict[str, list[float]], name: str, baseline: str) -> tuple[float, float, float]:
-    """Median and quartiles of the per-round ratio ``name / baseline`` (both timed in the same round)."""
-    ratios = [a / b for a, b in zip(times[name], times[baseline])]
-    q1, median, q3 = statistics.quantiles(ratios, n=4)
-    return median, q1, q3
-
-
-def _once(fn, calls: int = 1) -> float:
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    return time.perf_counter() - start
 
 
 def _blocking(jitted, *args):
@@ -227,11 +192,11 @@ def _flat(step):
 
 
 def _row(case: str, times: dict[str, list[float]], flops: float, xla: float) -> float:
-    medians = {name: statistics.median(values) for name, values in times.items()}
+    typical = medians(times)
     ratio, q1, q3 = ratio_stats(times, "lora", "plain")
-    hand = f"{medians['hand'] * 1e3:>6.2f} ms" if "hand" in medians else f"{'-':>9}"
+    hand = f"{typical['hand'] * 1e3:>6.2f} ms" if "hand" in typical else f"{'-':>9}"
     spread = f"{ratio:.3f} [{q1:.2f}-{q3:.2f}]"
-    print(f"{case:<31} | {medians['plain'] * 1e3:>6.2f} ms | {medians['lora'] * 1e3:>6.2f} ms | {hand} | "
+    print(f"{case:<31} | {typical['plain'] * 1e3:>6.2f} ms | {typical['lora'] * 1e3:>6.2f} ms | {hand} | "
           f"{spread:>20} | {flops:>5.3f} | {xla:>5.3f} | {ratio / flops:>10.3f}")
     return ratio
 

@@ -11,8 +11,8 @@ to show where the time above ``nn.Linear`` goes and what fusing the update into 
 out-of-place ``addmm`` still copies the base output once; accumulating into it in place (what ``LoraLayer``
 does under ``no_grad`` when the base is a hook-free ``nn.Linear``) does not.
 
-Contestants are timed in alternating rounds and compared by medians, so a noisy machine's slow spells
-hit all of them alike. Both adapters hold the same values and are checked to give the same outputs first.
+Contestants are timed in alternating rounds (``_timing.py``) and each ratio is the median of per-round
+ratios, so a noisy machine's slow spells hit all of them alike. Both adapters hold the same values and are checked to give the same outputs first.
 Goals: ours/peft <= 1 everywhere; the Linear forward at 1024 tokens within 10% of ``nn.Linear``.
 
     python bench/torch_lora.py [--threads N] [--rounds N]
@@ -23,8 +23,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import statistics
-import time
 from collections.abc import Callable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -37,36 +35,9 @@ import transformers
 
 import peftcore
 import peftcore_torch
+from _timing import medians, paired_rounds, ratio_stats
 
 D, R, ALPHA = 1024, 16, 32
-
-
-def interleaved_times(fns: dict[str, Callable[[], object]], *, rounds: int, min_time: float = 0.05) -> dict[str, float]:
-    """Median seconds per call of each function, measured in rounds that visit every function in turn."""
-    for fn in fns.values():
-        fn()
-    slowest = max(fns.values(), key=_one_call_time)
-    calls = 1
-    while _calls_time(slowest, calls) < min_time:
-        calls *= 2
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for round_index in range(rounds):
-        # rotate the order too, so no contestant always runs right after the same neighbour
-        names = list(fns)[round_index % len(fns):] + list(fns)[:round_index % len(fns)]
-        for name in names:
-            times[name].append(_calls_time(fns[name], calls) / calls)
-    return {name: statistics.median(values) for name, values in times.items()}
-
-
-def _calls_time(fn: Callable[[], object], calls: int) -> float:
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    return time.perf_counter() - start
-
-
-def _one_call_time(fn: Callable[[], object]) -> float:
-    return _calls_time(fn, 1)
 
 
 class Holder(nn.Module):
@@ -95,7 +66,7 @@ def linear_contestants() -> tuple[nn.Module, nn.Module, nn.Module]:
     return base, theirs, ours
 
 
-def bench_linear(tokens: int, *, rounds: int) -> list[tuple[str, dict[str, float]]]:
+def bench_linear(tokens: int, *, rounds: int) -> list[tuple[str, dict[str, list[float]]]]:
     plain, theirs, ours = linear_contestants()
     modules = {"nn.Linear": plain, "peft": theirs, "ours": ours}
     x = torch.randn(1, tokens, D)
@@ -124,8 +95,8 @@ def bench_linear(tokens: int, *, rounds: int) -> list[tuple[str, dict[str, float
 
     forwards = {name: forward(m) for name, m in modules.items()}
     forwards.update(hand_written_forwards(plain, ours, x))
-    forward_times = interleaved_times(forwards, rounds=rounds)
-    train_times = interleaved_times({name: forward_backward(m) for name, m in modules.items()}, rounds=rounds)
+    forward_times = paired_rounds(forwards, rounds=rounds)
+    train_times = paired_rounds({name: forward_backward(m) for name, m in modules.items()}, rounds=rounds)
     return [("Linear forward", forward_times), ("Linear fwd+bwd", train_times)]
 
 
@@ -170,7 +141,7 @@ def llama_contestants() -> tuple[nn.Module, nn.Module]:
     return theirs.train(), ours.train()
 
 
-def bench_llama_step(*, rounds: int, seq: int = 128, batch: int = 4) -> tuple[str, dict[str, float]]:
+def bench_llama_step(*, rounds: int, seq: int = 128, batch: int = 4) -> tuple[str, dict[str, list[float]]]:
     theirs, ours = llama_contestants()
     ids = torch.randint(0, 1024, (batch, seq), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -187,15 +158,22 @@ def bench_llama_step(*, rounds: int, seq: int = 128, batch: int = 4) -> tuple[st
             return loss
         return run
 
-    times = interleaved_times({"peft": step(theirs), "ours": step(ours)}, rounds=rounds, min_time=0.0)
+    times = paired_rounds({"peft": step(theirs), "ours": step(ours)}, rounds=rounds, min_time=0.0)
     return f"Llama train step (b={batch}, seq={seq})", times
 
 
-def _row(case: str, tokens: str, times: dict[str, float]) -> str:
-    base = times.get("nn.Linear")
-    base_cells = (f"{base * 1e3:>9.3f}", f"{times['ours'] / base:>10.2f}") if base else (f"{'-':>9}", f"{'-':>10}")
-    return (f"{case:<34} | {tokens:>6} | {base_cells[0]} | {times['peft'] * 1e3:>9.3f} | {times['ours'] * 1e3:>9.3f} "
-            f"| {times['ours'] / times['peft']:>9.2f} | {base_cells[1]}")
+def _ratio(times: dict[str, list[float]], name: str, baseline: str) -> str:
+    median, q1, q3 = ratio_stats(times, name, baseline)
+    return f"{median:.2f} [{q1:.2f}-{q3:.2f}]"
+
+
+def _row(case: str, tokens: str, times: dict[str, list[float]]) -> str:
+    typical = medians(times)
+    has_base = "nn.Linear" in times
+    base_ms = f"{typical['nn.Linear'] * 1e3:>9.3f}" if has_base else f"{'-':>9}"
+    to_base = _ratio(times, "ours", "nn.Linear") if has_base else "-"
+    return (f"{case:<34} | {tokens:>6} | {base_ms} | {typical['peft'] * 1e3:>9.3f} | {typical['ours'] * 1e3:>9.3f} "
+            f"| {_ratio(times, 'ours', 'peft'):>16} | {to_base:>16}")
 
 
 def main() -> None:
@@ -206,23 +184,23 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, peft {peft.__version__}, {torch.get_num_threads()} threads, float32, "
-          f"d={D}, r={R}; medians of {args.rounds} alternating rounds, times in ms\n")
-    header = (f"{'case':<34} | {'tokens':>6} | {'nn.Linear':>9} | {'peft':>9} | {'ours':>9} | {'ours/peft':>9} "
-              f"| {'ours/Linear':>10}")
+          f"d={D}, r={R}; {args.rounds} alternating rounds: median times in ms, ratios = median of per-round "
+          "ratios [interquartile range]\n")
+    header = (f"{'case':<34} | {'tokens':>6} | {'nn.Linear':>9} | {'peft':>9} | {'ours':>9} | {'ours/peft':>16} "
+              f"| {'ours/nn.Linear':>16}")
     print(header)
     print("-" * len(header))
-    references = {}
+    by_hand = []
     for tokens in (16, 1024):
         for case, times in bench_linear(tokens, rounds=args.rounds):
             print(_row(case, str(tokens), times), flush=True)
-            references.update({(name, tokens): t / times["nn.Linear"] for name, t in times.items()
-                               if name.startswith("hand")})
+            by_hand += [(name, tokens, _ratio(times, name, "nn.Linear")) for name in times if name.startswith("hand")]
     case, times = bench_llama_step(rounds=args.rounds)
     print(_row(case, str(4 * 128), times), flush=True)
 
     print("\nLoRA Linear forward written by hand, timed in the same rounds (ratio to nn.Linear):")
-    for (name, tokens), ratio in references.items():
-        print(f"  {name:<26} {tokens:>5} tokens: {ratio:.2f}")
+    for name, tokens, ratio in by_hand:
+        print(f"  {name:<26} {tokens:>5} tokens: {ratio}")
 
 
 if __name__ == "__main__":

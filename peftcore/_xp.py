@@ -20,7 +20,7 @@ from array_api_compat import (
 
 __all__ = [
     "Array",
-    "add_matmul",
+    "add_lora_product",
     "factor_transpose",
     "Namespace",
     "array_namespace",
@@ -126,36 +126,34 @@ def stop_gradient(x: Array, *, xp: Namespace) -> Array:
     return x
 
 
-def add_matmul(c: Array, a: Array, b: Array, /, *, alpha: float, xp: Namespace, donate_c: bool = False) -> Array:
-    """``c + alpha·(a @ b)``: ``c (..., n)``, ``b (k, n)``, ``a (..., k)`` with ``c``'s leading dims or
-    ``a (m, k)`` with ``m`` their product (tokens already flattened).
+def add_lora_product(c: Array, x: Array, a: Array, b: Array, /, *, alpha: float, xp: Namespace,
+                     donate_c: bool = False) -> Array:
+    """``c + alpha·(x·aᵀ)·bᵀ``: ``c (..., n)``, ``x (..., k)`` with ``c``'s leading dims, ``a (r, k)``, ``b (n, r)``.
 
-    Torch delegation point: with one dtype throughout, a single ``torch.addmm`` on 2-d views (leading
-    dims flattened), so the product is accumulated inside the GEMM instead of in two extra full-size
-    passes (scale, then add). ``c`` is left untouched unless ``donate_c``: the caller hands ``c``'s
-    buffer over (it never reads ``c`` again, as with ``jax.jit``'s ``donate_argnums``) and, where
-    autograd records nothing, torch accumulates into it in place (``addmm_``), saving the copy of
-    ``c`` that an out-of-place ``addmm`` makes (with autograd recording, an in-place write through
-    the 2-d view costs more in backward than the copy). Elsewhere, and for mixed dtypes, the
-    standard expression, ``alpha`` on ``a`` (the thin operand at the LoRA call sites; XLA fuses it
-    under ``jax.jit`` anyway).
+    The thin ``(tokens, r)`` product is formed on 2-d views (tokens flattened), then accumulated
+    into ``c``. Torch delegation point: with one dtype throughout, ``x·aᵀ`` is one ``linear`` and
+    the accumulation one ``addmm``, inside the GEMM instead of two extra full-size passes (scale,
+    then add). ``c`` is left untouched unless ``donate_c``: the caller hands ``c``'s buffer over (it
+    never reads ``c`` again, as with ``jax.jit``'s ``donate_argnums``) and, where autograd records
+    nothing, torch accumulates into it in place (``addmm_``), saving the copy of ``c`` that an
+    out-of-place ``addmm`` makes (with autograd recording, an in-place write through the 2-d view
+    costs more in backward than the copy). Elsewhere, and for mixed dtypes, the standard
+    expression with ``alpha`` on the thin intermediate and ``bᵀ`` from :func:`factor_transpose`.
     """
-    shape = c.shape
-    if is_torch_namespace(xp) and c.dtype == a.dtype == b.dtype and b.ndim == 2:
+    if is_torch_namespace(xp) and c.dtype == x.dtype == a.dtype == b.dtype:
         import torch  # already imported: c is a torch tensor
 
-        in_place = donate_c and not (torch.is_grad_enabled() and (c.requires_grad or a.requires_grad
-                                                                   or b.requires_grad))
-        if c.ndim == 2 and a.ndim == 2:
-            return c.addmm_(a, b, alpha=alpha) if in_place else torch.addmm(c, a, b, alpha=alpha)
-        flat_c = c.reshape(-1, shape[-1])
-        flat_a = a if a.ndim == 2 else a.reshape(-1, a.shape[-1])
-        if in_place:
-            flat = flat_c.addmm_(flat_a, b, alpha=alpha)
-        else:
-            flat = torch.addmm(flat_c, flat_a, b, alpha=alpha)
-        return flat.view(*shape)  # unpacked: view(Size) parses slower
-    product = (a if alpha == 1 else a * alpha) @ b
-    if product.ndim != c.ndim:
-        product = xp.reshape(product, tuple(shape))
-    return c + product
+        flat_x = x if x.ndim == 2 else x.reshape(-1, x.shape[-1])
+        hidden = torch.nn.functional.linear(flat_x, a)
+        if donate_c and c.is_contiguous() and not (
+            torch.is_grad_enabled() and (c.requires_grad or hidden.requires_grad or b.requires_grad)
+        ):
+            # the 2-d view shares c's buffer, so c itself is the result (no view back)
+            (c if c.ndim == 2 else c.view(-1, c.shape[-1])).addmm_(hidden, b.t(), alpha=alpha)
+            return c
+        if c.ndim == 2:
+            return torch.addmm(c, hidden, b.t(), alpha=alpha)
+        return torch.addmm(c.reshape(-1, c.shape[-1]), hidden, b.t(), alpha=alpha).view(*c.shape)  # view(Size) parses slower
+    flat_x = x if x.ndim == 2 else xp.reshape(x, (-1, x.shape[-1]))
+    product = ((flat_x @ a.T) * alpha) @ factor_transpose(b, xp=xp)
+    return c + (product if c.ndim == 2 else xp.reshape(product, tuple(c.shape)))

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from peftcore._xp import add_matmul
+from peftcore._xp import add_lora_product
 from peftcore.errors import ConfigError, MergeError, ShapeMismatchError, UnsupportedLayerError
 from peftcore.methods.lora import ops
 from peftcore.testing import Backend, assert_close, to_numpy
@@ -134,28 +134,28 @@ def test_linear_update_and_forward_match_reference(xp, call, dtype, case):
 
 @pytest.mark.parametrize("lead", [(), (4,), (2, 3)])
 @pytest.mark.parametrize("donate", [False, True])
-@pytest.mark.parametrize("flat_a", [False, True], ids=["a-like-c", "a-flat"])
-def test_add_matmul_matches_reference_and_keeps_c_unless_donated(xp, call, lead, donate, flat_a):
+def test_add_lora_product_matches_reference_and_keeps_c_unless_donated(xp, call, lead, donate):
     rng = np.random.default_rng(11)
-    c, a, b = rng.normal(size=(*lead, 5)), rng.normal(size=(*lead, 3)), rng.normal(size=(3, 5))
+    c, x, a, b = (rng.normal(size=shape) for shape in ((*lead, 5), (*lead, 4), (3, 4), (5, 3)))
     c_x = as_xp(xp, c, "float32")
-    a_x = as_xp(xp, a.reshape(-1, 3) if flat_a else a, "float32")  # (tokens, k) against c (..., n)
-    got = call(add_matmul, c_x, a_x, as_xp(xp, b, "float32"), alpha=0.5, xp=xp, donate_c=donate)
+    got = call(add_lora_product, c_x, *(as_xp(xp, t, "float32") for t in (x, a, b)), alpha=0.5, xp=xp,
+               donate_c=donate)
     assert got.dtype == xp.float32 and tuple(got.shape) == (*lead, 5)
-    assert_close(got, c + 0.5 * np.einsum("...k,kn->...n", a, b), xp=xp)
+    assert_close(got, c + 0.5 * np.einsum("...k,rk,nr->...n", x, a, b), xp=xp)
     if not donate:
         np.testing.assert_array_equal(to_numpy(c_x), c.astype(np.float32))
 
 
-def test_add_matmul_promotes_mixed_dtypes(xp, call):
+def test_add_lora_product_promotes_mixed_dtypes(xp, call):
     rng = np.random.default_rng(12)
-    c, a, b = rng.normal(size=(2, 4)), rng.normal(size=(2, 3)), rng.normal(size=(3, 4))
-    a32, b32 = as_xp(xp, a, "float32"), as_xp(xp, b, "float32")
-    got = call(add_matmul, as_xp(xp, c), a32, b32, alpha=2.0, xp=xp, donate_c=True)
+    c, x, a, b = rng.normal(size=(2, 4)), rng.normal(size=(2, 5)), rng.normal(size=(3, 5)), rng.normal(size=(4, 3))
+    x32, a32, b32 = (as_xp(xp, t, "float32") for t in (x, a, b))
+    got = call(add_lora_product, as_xp(xp, c), x32, a32, b32, alpha=2.0, xp=xp, donate_c=True)
     assert got.dtype == xp.float64
     # the product is formed in float32 (its own dtype), then added in float64
-    product32 = to_numpy(a32).astype(np.float64) @ to_numpy(b32).astype(np.float64)
-    assert_close(got, c + 2.0 * product32, xp=xp, rtol=1e-6)
+    hidden32 = (to_numpy(x32).astype(np.float64) @ to_numpy(a32).astype(np.float64).T).astype(np.float32)
+    product32 = hidden32.astype(np.float64) * 2.0 @ to_numpy(b32).astype(np.float64).T
+    assert_close(got, c + product32, xp=xp, rtol=1e-6)
 
 
 @pytest.mark.parametrize("with_bias", [False, True])

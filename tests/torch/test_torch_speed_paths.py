@@ -20,7 +20,7 @@ from transformers.pytorch_utils import Conv1D
 import peft
 import peftcore
 import peftcore_torch
-from peftcore._xp import add_matmul, array_namespace
+from peftcore._xp import add_lora_product, array_namespace
 from peftcore.methods.lora import ops
 from tests.reference import lora as ref
 
@@ -110,14 +110,23 @@ def test_gradients_reach_the_factors_the_bias_and_the_input(lead, bias):
         _assert_close(t["bias"].grad, s * g.sum(axis=0), rtol=1e-10)
 
 
-def test_add_matmul_leaves_c_alone_under_autograd_even_when_donated():
+def test_add_lora_product_leaves_c_alone_under_autograd_even_when_donated():
     c = torch.randn(2, 3, 4)
-    a, b = torch.randn(2, 3, 2, requires_grad=True), torch.randn(2, 4)
+    x, a, b = torch.randn(2, 3, 5, requires_grad=True), torch.randn(2, 5), torch.randn(4, 2)
     kept = c.clone()
-    out = add_matmul(c, a, b, alpha=2.0, xp=array_namespace(c), donate_c=True)
+    out = add_lora_product(c, x, a, b, alpha=2.0, xp=array_namespace(c), donate_c=True)
     torch.testing.assert_close(c, kept, rtol=0, atol=0)
-    torch.testing.assert_close(out, c + 2.0 * (a @ b), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out, c + 2.0 * (x @ a.T @ b.T), rtol=1e-6, atol=1e-6)
     assert out.grad_fn is not None
+
+
+def test_add_lora_product_never_writes_into_a_non_contiguous_c():
+    c = torch.randn(4, 3).T  # (3, 4), a transposed view: its 2-d reshape would be a copy
+    x, a, b = torch.randn(3, 5), torch.randn(2, 5), torch.randn(4, 2)
+    kept = c.clone()
+    with torch.no_grad():
+        out = add_lora_product(c, x, a, b, alpha=0.5, xp=array_namespace(c), donate_c=True)
+    torch.testing.assert_close(out, kept + 0.5 * (x @ a.T @ b.T), rtol=1e-6, atol=1e-6)
 
 
 # --------------------------------------------------------------------------------------------- layer
@@ -258,4 +267,4 @@ def test_a_forward_hook_sees_the_base_output_unchanged(monkeypatch, where):
     assert donations == [False]
     with torch.no_grad():
         torch.testing.assert_close(captured[0], ours.base_layer(x), rtol=0, atol=0)
-        assert ours._base_output_is_private()  # hooks removed: the fast path is back
+        assert ours._base_output_is_private(ours.base_layer)  # hooks removed: the fast path is back

@@ -22,7 +22,7 @@ from peftcore._conv import conv_nd
 from peftcore._xp import (
     Array,
     Namespace,
-    add_matmul,
+    add_lora_product,
     array_namespace,
     compute_dtype,
     factor_transpose,
@@ -116,26 +116,23 @@ def linear_forward(
 
     ``result (..., out)`` is promoted to the adapter dtype first (peft adds the update with type
     promotion), so the product ``(x·Aᵀ)·Bᵀ`` is accumulated straight into it
-    (:func:`peftcore._xp.add_matmul`: one ``addmm`` on torch) before the cast back. ``result`` is
-    not modified unless ``donate_result=True``: the caller gives up ``result`` (never reads it again)
-    and torch may accumulate into its buffer in place; other namespaces ignore the flag.
+    (:func:`peftcore._xp.add_lora_product`: one ``linear`` and one ``addmm`` on torch) before the
+    cast back. ``result`` is not modified unless ``donate_result=True``: the caller gives up
+    ``result`` (never reads it again) and torch may accumulate into its buffer in place; other
+    namespaces ignore the flag.
     """
     xp = array_namespace(result, x, lora_A, lora_B, lora_B_bias)
-    # tokens on one axis: x·Aᵀ is a plain 2-d product and add_matmul needs no reshape of it
-    hidden, lora_B = _hidden(x, lora_A, lora_B, lora_B_bias, xp=xp, flat=True)
-    expected = (*x.shape[:-1], lora_B.shape[0])
-    if tuple(result.shape) != expected:
-        raise ShapeMismatchError(
-            f"LoRA update of shape {expected} cannot be added to the base result of shape {tuple(result.shape)}"
-        )
+    _check_linear_operands(result, x, lora_A, lora_B, lora_B_bias)
+    dtype = lora_A.dtype
     total = result
-    if result.dtype != lora_A.dtype:
-        total = _cast(result, xp.result_type(result.dtype, lora_A.dtype), xp=xp)
+    if result.dtype != dtype:
+        total = _cast(result, xp.result_type(result.dtype, dtype), xp=xp)
     if lora_B_bias is not None:
-        total = total + lora_B_bias * scaling
+        total = total + _cast(lora_B_bias, dtype, xp=xp) * scaling
     # an array made here (by the promotion or the bias) is ours to accumulate into
     owned = donate_result or total is not result
-    total = add_matmul(total, hidden, factor_transpose(lora_B, xp=xp), alpha=scaling, xp=xp, donate_c=owned)
+    total = add_lora_product(total, _cast(x, dtype, xp=xp), lora_A, _cast(lora_B, dtype, xp=xp), alpha=scaling,
+                             xp=xp, donate_c=owned)
     return _cast(total, result.dtype, xp=xp)
 
 
@@ -367,23 +364,39 @@ def _cast(x: Array, dtype, *, xp: Namespace) -> Array:
     return x if x.dtype == dtype else xp.astype(x, dtype)
 
 
-def _hidden(
-    x: Array, lora_A: Array, lora_B: Array, lora_B_bias: Array | None, *, xp: Namespace, flat: bool = False
-) -> tuple[Array, Array]:
-    """``x·Aᵀ (..., r)`` (``(tokens, r)`` if ``flat``) with ``x`` cast to ``A.dtype``, and ``B`` in ``A.dtype``.
+def _hidden(x: Array, lora_A: Array, lora_B: Array, lora_B_bias: Array | None, *, xp: Namespace) -> tuple[Array, Array]:
+    """``x·Aᵀ (..., r)`` with ``x`` cast to ``A.dtype``, and ``B`` in ``A.dtype``.
 
     Shapes are checked first, so errors name ``x``'s own shape.
     """
     _check_factors(lora_A, lora_B, lora_B_bias, spatial=0)
+    _check_input(x, lora_A)
+    # operators on 2-D factors (standard ``@`` and ``.T``) skip array-api-compat's wrappers: this is the hot path
+    return _cast(x, lora_A.dtype, xp=xp) @ lora_A.T, _cast(lora_B, lora_A.dtype, xp=xp)
+
+
+def _check_input(x: Array, lora_A: Array) -> None:
     if x.ndim < 1 or x.shape[-1] != lora_A.shape[1]:
         raise ShapeMismatchError(
             f"LoRA input x {tuple(x.shape)} must end in in_features={lora_A.shape[1]} to match "
             f"lora_A {tuple(lora_A.shape)} (r, in)"
         )
-    if flat and x.ndim != 2:
-        x = xp.reshape(x, (-1, x.shape[-1]))
-    # operators on 2-D factors (standard ``@`` and ``.T``) skip array-api-compat's wrappers: this is the hot path
-    return _cast(x, lora_A.dtype, xp=xp) @ lora_A.T, _cast(lora_B, lora_A.dtype, xp=xp)
+
+
+def _check_linear_operands(result: Array, x: Array, lora_A: Array, lora_B: Array, lora_B_bias: Array | None) -> None:
+    """``x (..., in)``, ``lora_A (r, in)``, ``lora_B (out, r)``, ``lora_B_bias (out,)``, ``result (..., out)``."""
+    a, b, x_shape, result_shape = lora_A.shape, lora_B.shape, x.shape, result.shape
+    # one comparison chain on the hot path; the checks below only word the error
+    if (len(a) == 2 and len(b) == 2 and b[1] == a[0] and len(x_shape) >= 1 and x_shape[-1] == a[1]
+            and len(result_shape) == len(x_shape) and result_shape[:-1] == x_shape[:-1] and result_shape[-1] == b[0]
+            and (lora_B_bias is None or tuple(lora_B_bias.shape) == (b[0],))):
+        return
+    _check_factors(lora_A, lora_B, lora_B_bias, spatial=0)
+    _check_input(x, lora_A)
+    raise ShapeMismatchError(
+        f"LoRA update of shape {(*x_shape[:-1], b[0])} cannot be added to the base result of shape "
+        f"{tuple(result_shape)}"
+    )
 
 
 def _in_compute_dtype(product, lora_A: Array, lora_B: Array, *, xp: Namespace) -> Array:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import types
+import warnings
 
 import numpy as np
 import pytest
@@ -268,3 +269,34 @@ def test_a_forward_hook_sees_the_base_output_unchanged(monkeypatch, where):
     with torch.no_grad():
         torch.testing.assert_close(captured[0], ours.base_layer(x), rtol=0, atol=0)
         assert ours._base_output_is_private(ours.base_layer)  # hooks removed: the fast path is back
+
+
+@pytest.mark.oracle
+def test_a_pre_hook_on_the_base_changes_only_the_base_input_as_in_peft(monkeypatch):
+    torch.manual_seed(5)
+    ours, theirs = _pair(nn.Linear(6, 4))
+    for model in (ours, theirs):  # a hook-free base is called without Module.__call__: hooks must stop that
+        model.layer.base_layer.register_forward_pre_hook(lambda module, args: (args[0] * 2,))
+    donations = _donations(monkeypatch)
+    x = torch.randn(3, 6)
+    with torch.no_grad():
+        got, expected = ours(x), theirs(x)
+        lora_A, lora_B, _ = ours.layer._factors("default")
+        by_hand = ours.layer.base_layer.forward(2 * x) + 2.0 * (x @ lora_A.T @ lora_B.T)
+    _assert_close(got, expected)
+    _assert_close(got, by_hand)
+    assert donations == [False]
+
+
+def test_jit_trace_records_the_base_as_a_submodule_call():
+    torch.manual_seed(6)
+    ours = _pair(nn.Linear(6, 4))[0]
+    x = torch.randn(3, 6)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        eager = ours(x)
+        traced = torch.jit.trace(ours, x, check_trace=False)
+    torch.testing.assert_close(traced(x), eager)
+    # under the tracer the base goes through Module.__call__ (kept as a call, not inlined) and is not overwritten
+    assert "(base_layer).forward(" in traced.layer.code
+    assert "addmm_" not in traced.layer.code

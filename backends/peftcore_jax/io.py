@@ -12,7 +12,10 @@ shapes; nothing is ever zero-filled.
 Base weights in a folder: peft's ``save_embedding_layers`` ("auto" when an embedding layer is targeted, or
 after resizing the vocabulary) also writes the base embedding weights, ``<m>.base_layer.weight`` for a targeted
 module and ``<m>.weight`` for an untargeted one, which ``from_pretrained`` loads into the base model.
-``with_base_weights=True`` does the same to the parameter tree and returns ``(params', adapters)``.
+``with_base_weights=True`` does the same to the parameter tree and returns ``(params', adapters)``. The same
+holds for the trained copies of ``modules_to_save`` (saved as ``<m>.<leaf>``, e.g. a classification head) and
+for the biases of ``bias="all"``/``"lora_only"`` (``<m>[.base_layer].bias``): they are base weights of the tree.
+``save_adapter`` refuses such configs, since ``Adapters`` hold no copy of those weights.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import numpy as np
 from peftcore import LoraConfig
 from peftcore import io as core_io
 from peftcore.config import PeftConfig
-from peftcore.errors import IncompatibleKeysError, ShapeMismatchError
+from peftcore.errors import ConfigError, IncompatibleKeysError, ShapeMismatchError
 from peftcore.matching import resolve_rank_alpha
 from peftcore.methods.lora import ops
 from peftcore.naming import BASE_MODEL_PREFIX, DEFAULT_ADAPTER_NAME, checkpoint_key
@@ -74,6 +77,14 @@ def save_adapter(directory: str | os.PathLike, adapters: Adapters, /, *,
                  adapter_name: str | None = None) -> Path:
     """Write ``adapters`` as peft's ``save_pretrained`` does; returns the folder (``directory[/<adapter_name>]``)."""
     name = adapters.adapter_name if adapter_name is None else adapter_name
+    config = adapters.config
+    modules_to_save, bias = getattr(config, "modules_to_save", None), getattr(config, "bias", "none")
+    if modules_to_save or bias != "none":
+        raise ConfigError(
+            f"adapter {name!r} has modules_to_save={modules_to_save!r}, bias={bias!r}: peft would "
+            "expect their trained weights in the folder, which live in the parameter tree, not in the adapters; "
+            "save a copy of the config without them (and keep those weights with the model)"
+        )
     state, config = get_method(adapters.peft_type).state_dict(adapters)
     return core_io.save_adapter(directory, config, state, adapter_name=name)
 
@@ -130,7 +141,7 @@ def load_modules(state_dict: Mapping[str, Any], config: PeftConfig, params: Any,
     """
     layout = get_layout(layout)
     targets = target_modules(params, config, layout=layout, model_type=model_type,
-                             output_embedding_name=output_embedding_name)
+                             output_embedding_name=output_embedding_name, loading=True)
     leaves = leaf_paths(params)
     remaining, base_weights = _split_base_weights(state_dict, params, leaves, layout=layout)
     missing: list[str] = []

@@ -30,7 +30,9 @@ __all__ = ["JaxSampler", "dora_weight_norms", "init_lora", "lora_merge", "lora_u
            "target_modules"]
 
 # config fields whose peft behaviour touches more than the adapted modules' factors
-_UNSUPPORTED_FIELDS = ("modules_to_save", "trainable_token_indices", "layer_replication", "target_parameters")
+_UNSUPPORTED_FIELDS = ("trainable_token_indices", "layer_replication", "target_parameters")
+# saved as full copies of base modules: loadable as base weights, not trained here
+_BASE_WEIGHT_FIELDS = ("modules_to_save",)
 
 
 class JaxSampler:
@@ -56,27 +58,35 @@ def module_key(key: jax.Array, module_path: str, /) -> jax.Array:
     return jax.random.fold_in(key, zlib.crc32(module_path.encode("utf-8")))
 
 
-def _check_supported(config: PeftConfig) -> None:
+def _check_supported(config: PeftConfig, *, loading: bool = False) -> None:
+    """Refuse what peftcore_jax cannot do with ``config``.
+
+    Loading accepts ``modules_to_save`` and ``bias`` != "none": their saved weights are base weights
+    (``load_adapter(..., with_base_weights=True)``); creating adapters that train them is not supported.
+    """
     method = get_method(getattr(config, "peft_type", None) or type(config).__name__)
     if not isinstance(config, method.config_cls):
         raise ConfigError(f"peftcore_jax adapts with a {method.config_cls.__name__}, got {type(config).__name__}")
     kind = type(config).__name__
-    for name in _UNSUPPORTED_FIELDS:
+    for name in _UNSUPPORTED_FIELDS + (() if loading else _BASE_WEIGHT_FIELDS):
         if getattr(config, name, None):
             raise ConfigError(f"{kind}.{name}={getattr(config, name)!r} is not supported by peftcore_jax yet")
-    if getattr(config, "bias", "none") != "none":
-        raise ConfigError(f"{kind}.bias={config.bias!r} (training base biases) is not supported by peftcore_jax")
+    if not loading and getattr(config, "bias", "none") != "none":
+        raise ConfigError(f"{kind}.bias={config.bias!r} (training base biases) is not supported by peftcore_jax; "
+                          "adapters saved with it load with load_adapter(..., with_base_weights=True)")
 
 
 def target_modules(params: Any, config: PeftConfig, /, *, layout: str | Layout = "torch",
-                   model_type: str | None = None, output_embedding_name: str | None = None) -> dict[str, Module]:
+                   model_type: str | None = None, output_embedding_name: str | None = None,
+                   loading: bool = False) -> dict[str, Module]:
     """``{path: Module}`` that ``config`` (any method's) adapts in ``params``, in tree order (core matching).
 
     ``output_embedding_name`` (excluded from ``"all-linear"``) defaults to ``"lm_head"`` when the tree has one.
     Raises ``NoMatchingModuleError`` when nothing matches and ``UnsupportedLayerError`` for a matched path
-    that holds no weight the layout recognises (peft: "Target module ... is not supported").
+    that holds no weight the layout recognises (peft: "Target module ... is not supported"). ``loading``:
+    for a saved adapter, whose ``modules_to_save`` and trained biases are base weights (``_check_supported``).
     """
-    _check_supported(config)
+    _check_supported(config, loading=loading)
     config = get_method(config.peft_type).matching_config(config)
     layout = get_layout(layout)
     modules = find_modules(params, layout=layout)

@@ -17,7 +17,7 @@ import transformers
 import peftcore_jax as pj
 from examples import jax_llama
 from peftcore import LoraConfig
-from peftcore.errors import IncompatibleKeysError
+from peftcore.errors import ConfigError, IncompatibleKeysError
 
 pytestmark = pytest.mark.oracle
 
@@ -189,3 +189,54 @@ def test_pissa_and_olora_rewrite_the_base_like_peft(init, base, run):
     expected = _torch_logits(model)
     assert _rel_err(_logits(run, new_params, spec, adapters), expected) <= 1e-5
     assert _rel_err(_logits(run, params, spec), expected) <= 1e-5  # at init the model is unchanged
+
+
+def test_modules_to_save_load_as_base_weights_and_match_peft(base, run, tmp_path):
+    params, spec = base
+    model = _peft(dict(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"]))
+    with torch.no_grad():  # the trained full copy of lm_head that peft saves next to the adapter
+        copy = model.base_model.model.lm_head.modules_to_save["default"].weight
+        copy.add_(0.5 * torch.randn_like(copy))
+    model.save_pretrained(tmp_path)
+    expected = _torch_logits(model)
+    assert _rel_err(_torch_logits(peft.PeftModel.from_pretrained(_base(), tmp_path).eval()), expected) <= 1e-6
+
+    with pytest.raises(IncompatibleKeysError, match=r"base_model\.model\.lm_head\.weight.*with_base_weights=True"):
+        pj.load_adapter(tmp_path, params)
+    new_params, adapters = pj.load_adapter(tmp_path, params, with_base_weights=True)
+    assert adapters.config.modules_to_save == ["lm_head"]
+    np.testing.assert_array_equal(np.asarray(new_params["lm_head"]["weight"]), copy.detach().numpy())
+    assert _rel_err(_logits(run, new_params, spec, adapters), expected) <= 1e-5
+    # the adapters hold no copy of lm_head: a save would silently drop it, so it is refused
+    with pytest.raises(ConfigError, match="modules_to_save"):
+        pj.save_adapter(tmp_path / "again", adapters)
+
+
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_trained_biases_load_as_base_weights_and_match_peft(bias, tmp_path):
+    torch.manual_seed(3)
+    mlp = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    tree = {name: jnp.asarray(value.detach().numpy()) for name, value in mlp.state_dict().items()}
+    tree = {"0": {"weight": tree["0.weight"], "bias": tree["0.bias"]}, "2": {"weight": tree["2.weight"],
+                                                                            "bias": tree["2.bias"]}}
+    model = peft.get_peft_model(mlp, peft.LoraConfig(r=2, target_modules=["0"], bias=bias, init_lora_weights=False))
+    trained = {"all": ["0", "2"], "lora_only": ["0"]}[bias]  # the biases peft trains and saves
+    layers = {"0": model.base_model.model[0].base_layer, "2": model.base_model.model[2]}
+    with torch.no_grad():
+        for name in trained:
+            layers[name].bias.add_(torch.randn_like(layers[name].bias))
+    model.save_pretrained(tmp_path)
+    x = torch.randn(5, 6)
+    with torch.no_grad():
+        expected = model(x).numpy()
+
+    new_tree, adapters = pj.load_adapter(tmp_path, tree, with_base_weights=True)
+    xj = jnp.asarray(x.numpy())
+    hidden = jax.nn.relu(pj.linear(xj, new_tree["0"]["weight"], new_tree["0"]["bias"], adapters["0"]))
+    got = pj.linear(hidden, new_tree["2"]["weight"], new_tree["2"]["bias"])
+    assert _rel_err(got, expected) <= 1e-5
+    for name in ("0", "2"):
+        same = np.array_equal(np.asarray(new_tree[name]["bias"]), np.asarray(tree[name]["bias"]))
+        assert same == (name not in trained)
+    with pytest.raises(ConfigError, match="bias"):
+        pj.save_adapter(tmp_path / "again", adapters)

@@ -12,7 +12,8 @@ out-of-place ``addmm`` still copies the base output once; accumulating into it i
 does under ``no_grad`` when the base is a hook-free ``nn.Linear``) does not.
 
 Contestants are timed in alternating rounds (``_timing.py``) and each ratio is the median of per-round
-ratios, so a noisy machine's slow spells hit all of them alike. Both adapters hold the same values and are checked to give the same outputs first.
+ratios, so a noisy machine's slow spells hit all of them alike. Both adapters hold the same values and are
+checked to give the same outputs first.
 Goals: ours/peft <= 1 everywhere; the Linear forward at 1024 tokens within 10% of ``nn.Linear``.
 
     python bench/torch_lora.py [--threads N] [--rounds N]

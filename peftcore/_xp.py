@@ -128,7 +128,7 @@ def stop_gradient(x: Array, *, xp: Namespace) -> Array:
 
 def add_lora_product(c: Array, x: Array, a: Array, b: Array, /, *, alpha: float, xp: Namespace,
                      donate_c: bool = False) -> Array:
-    """``c + alpha·(x·aᵀ)·bᵀ``: ``c (..., n)``, ``x (..., k)`` with ``c``'s leading dims, ``a (r, k)``, ``b (n, r)``.
+    """``c + alpha·(x·aᵀ)·bᵀ``: ``c (..., n)``, ``x (..., k)`` (``c``'s leading dims), ``a (r, k)``, ``b (n, r)``.
 
     The thin ``(tokens, r)`` product is formed on 2-d views (tokens flattened), then accumulated
     into ``c``. Torch delegation point: with one dtype throughout, ``x·aᵀ`` is one ``linear`` and
@@ -153,7 +153,8 @@ def add_lora_product(c: Array, x: Array, a: Array, b: Array, /, *, alpha: float,
             return c
         if c.ndim == 2:
             return torch.addmm(c, hidden, b.t(), alpha=alpha)
-        return torch.addmm(c.reshape(-1, c.shape[-1]), hidden, b.t(), alpha=alpha).view(*c.shape)  # view(Size) parses slower
+        flat = torch.addmm(c.reshape(-1, c.shape[-1]), hidden, b.t(), alpha=alpha)
+        return flat.view(*c.shape)  # unpacked: view(Size) parses slower
     flat_x = x if x.ndim == 2 else xp.reshape(x, (-1, x.shape[-1]))
     product = ((flat_x @ a.T) * alpha) @ factor_transpose(b, xp=xp)
     return c + (product if c.ndim == 2 else xp.reshape(product, tuple(c.shape)))

@@ -137,24 +137,26 @@ def add_lora_product(c: Array, x: Array, a: Array, b: Array, /, *, alpha: float,
     never reads ``c`` again, as with ``jax.jit``'s ``donate_argnums``) and, where autograd records
     nothing, torch accumulates into it in place (``addmm_``), saving the copy of ``c`` that an
     out-of-place ``addmm`` makes (with autograd recording, an in-place write through the 2-d view
-    costs more in backward than the copy). Elsewhere, and for mixed dtypes, the standard
-    expression with ``alpha`` on the thin intermediate and ``bᵀ`` from :func:`factor_transpose`.
+    costs more in backward than the copy). Elsewhere, for mixed dtypes and where ``torch.autocast``
+    computes ``x·aᵀ`` in a lower precision than ``c``, the standard expression, with ``alpha`` on the
+    thin intermediate and ``bᵀ`` from :func:`factor_transpose`.
     """
     if is_torch_namespace(xp) and c.dtype == x.dtype == a.dtype == b.dtype:
         import torch  # already imported: c is a torch tensor
 
-        flat_x = x if x.ndim == 2 else x.reshape(-1, x.shape[-1])
-        hidden = torch.nn.functional.linear(flat_x, a)
-        if donate_c and c.is_contiguous() and not (
-            torch.is_grad_enabled() and (c.requires_grad or hidden.requires_grad or b.requires_grad)
-        ):
-            # the 2-d view shares c's buffer, so c itself is the result (no view back)
-            (c if c.ndim == 2 else c.view(-1, c.shape[-1])).addmm_(hidden, b.t(), alpha=alpha)
-            return c
-        if c.ndim == 2:
-            return torch.addmm(c, hidden, b.t(), alpha=alpha)
-        flat = torch.addmm(c.reshape(-1, c.shape[-1]), hidden, b.t(), alpha=alpha)
-        return flat.view(*c.shape)  # unpacked: view(Size) parses slower
-    flat_x = x if x.ndim == 2 else xp.reshape(x, (-1, x.shape[-1]))
-    product = ((flat_x @ a.T) * alpha) @ factor_transpose(b, xp=xp)
+        hidden = torch.nn.functional.linear(x if x.ndim == 2 else x.reshape(-1, x.shape[-1]), a)
+        if hidden.dtype == c.dtype:  # else autocast chose a lower precision: the standard expression below
+            if donate_c and c.is_contiguous() and not (
+                torch.is_grad_enabled() and (c.requires_grad or hidden.requires_grad or b.requires_grad)
+            ):
+                # the 2-d view shares c's buffer, so c itself is the result (no view back)
+                (c if c.ndim == 2 else c.view(-1, c.shape[-1])).addmm_(hidden, b.t(), alpha=alpha)
+                return c
+            if c.ndim == 2:
+                return torch.addmm(c, hidden, b.t(), alpha=alpha)
+            flat = torch.addmm(c.reshape(-1, c.shape[-1]), hidden, b.t(), alpha=alpha)
+            return flat.view(*c.shape)  # unpacked: view(Size) parses slower
+    else:
+        hidden = (x if x.ndim == 2 else xp.reshape(x, (-1, x.shape[-1]))) @ a.T
+    product = (hidden * alpha) @ factor_transpose(b, xp=xp)
     return c + (product if c.ndim == 2 else xp.reshape(product, tuple(c.shape)))

@@ -300,3 +300,17 @@ def test_jit_trace_records_the_base_as_a_submodule_call():
     # under the tracer the base goes through Module.__call__ (kept as a call, not inlined) and is not overwritten
     assert "(base_layer).forward(" in traced.layer.code
     assert "addmm_" not in traced.layer.code
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("grad", [False, True])
+def test_autocast_to_bfloat16_follows_peft(grad):
+    torch.manual_seed(7)
+    ours, theirs = _pair(nn.Linear(6, 4))
+    x = torch.randn(2, 5, 6)
+    # autocast runs x·Aᵀ in bfloat16 while the running result is float32: the fused path must step aside
+    with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16):
+        got, expected = ours(x), theirs(x)
+    assert got.dtype == expected.dtype == torch.bfloat16
+    got, expected = got.detach(), expected.detach()
+    torch.testing.assert_close(got, expected, rtol=2**-7, atol=2**-7 * float(expected.abs().max()))

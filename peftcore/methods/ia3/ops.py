@@ -162,8 +162,9 @@ def scale_input(x: Array, ia3_l: Array, /, *, dtype: Any = None) -> Array:
     xp = array_namespace(x, ia3_l)
     vector = _broadcastable(ia3_l, x, feedforward=True, xp=xp)
     target = x.dtype if dtype is None else dtype
-    scaled = xp.astype(x, ia3_l.dtype) * vector
-    return xp.astype(scaled, target)
+    # copy=False: the standard's astype copies even to the same dtype, a full pass over x per forward
+    scaled = xp.astype(x, ia3_l.dtype, copy=False) * vector
+    return xp.astype(scaled, target, copy=False)
 
 
 def scale_output(result: Array, ia3_l: Array, /) -> Array:
@@ -177,10 +178,10 @@ def scale_output(result: Array, ia3_l: Array, /) -> Array:
     vector = _broadcastable(ia3_l, result, feedforward=False, xp=xp)
     if ia3_l.ndim == 2:
         dtype = xp.result_type(result, ia3_l)
-        scaled = xp.astype(result, dtype) * xp.astype(vector, dtype)
+        scaled = xp.astype(result, dtype, copy=False) * xp.astype(vector, dtype, copy=False)
     else:
-        scaled = xp.astype(result, ia3_l.dtype) * vector
-    return xp.astype(scaled, result.dtype)
+        scaled = xp.astype(result, ia3_l.dtype, copy=False) * vector
+    return xp.astype(scaled, result.dtype, copy=False)
 
 
 # --- merge / unmerge ----------------------------------------------------------------------------------
@@ -200,7 +201,8 @@ def merge_weight(
     factor = _weight_factor(weight, ia3_l, feedforward=feedforward, kind=kind, fan_in_fan_out=fan_in_fan_out,
                             groups=groups, xp=xp)
     dtype = xp.result_type(weight, factor)
-    return xp.astype(xp.astype(weight, dtype) * xp.astype(factor, dtype), weight.dtype)
+    return xp.astype(xp.astype(weight, dtype, copy=False) * xp.astype(factor, dtype, copy=False), weight.dtype,
+                     copy=False)
 
 
 def unmerge_weight(
@@ -217,7 +219,8 @@ def unmerge_weight(
     factor = _weight_factor(weight, ia3_l, feedforward=feedforward, kind=kind, fan_in_fan_out=fan_in_fan_out,
                             groups=groups, xp=xp)
     dtype = xp.result_type(weight, factor)
-    return xp.astype(xp.astype(weight, dtype) / (xp.astype(factor, dtype) + UNMERGE_EPS), weight.dtype)
+    return xp.astype(xp.astype(weight, dtype, copy=False) / (xp.astype(factor, dtype, copy=False) + UNMERGE_EPS),
+                     weight.dtype, copy=False)
 
 
 def merge_bias(bias: Array, ia3_l: Array, /, *, feedforward: bool) -> Array:
@@ -227,7 +230,7 @@ def merge_bias(bias: Array, ia3_l: Array, /, *, feedforward: bool) -> Array:
         return bias
     vector = _bias_factor(bias, ia3_l, xp=xp)
     dtype = xp.result_type(bias, vector)
-    return xp.astype(xp.astype(bias, dtype) * xp.astype(vector, dtype), bias.dtype)
+    return xp.astype(xp.astype(bias, dtype, copy=False) * xp.astype(vector, dtype, copy=False), bias.dtype, copy=False)
 
 
 def unmerge_bias(bias: Array, ia3_l: Array, /, *, feedforward: bool) -> Array:
@@ -237,7 +240,8 @@ def unmerge_bias(bias: Array, ia3_l: Array, /, *, feedforward: bool) -> Array:
         return bias
     vector = _bias_factor(bias, ia3_l, xp=xp)
     dtype = xp.result_type(bias, vector)
-    return xp.astype(xp.astype(bias, dtype) / (xp.astype(vector, dtype) + UNMERGE_EPS), bias.dtype)
+    return xp.astype(xp.astype(bias, dtype, copy=False) / (xp.astype(vector, dtype, copy=False) + UNMERGE_EPS),
+                     bias.dtype, copy=False)
 
 
 # --- add_weighted_adapter -----------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from array_api_compat import (
 __all__ = [
     "Array",
     "add_lora_product",
+    "add_product",
     "factor_transpose",
     "Namespace",
     "array_namespace",
@@ -130,33 +131,47 @@ def add_lora_product(c: Array, x: Array, a: Array, b: Array, /, *, alpha: float,
                      donate_c: bool = False) -> Array:
     """``c + alpha·(x·aᵀ)·bᵀ``: ``c (..., n)``, ``x (..., k)`` (``c``'s leading dims), ``a (r, k)``, ``b (n, r)``.
 
-    The thin ``(tokens, r)`` product is formed on 2-d views (tokens flattened), then accumulated
-    into ``c``. Torch delegation point: with one dtype throughout, ``x·aᵀ`` is one ``linear`` and
-    the accumulation one ``addmm``, inside the GEMM instead of two extra full-size passes (scale,
+    The thin ``(tokens, r)`` product ``x·aᵀ`` is formed with tokens flattened (one ``linear`` on
+    torch) and handed to :func:`add_product`.
+    """
+    flat_x = x if x.ndim == 2 else (x.reshape(-1, x.shape[-1]) if is_torch_namespace(xp)
+                                     else xp.reshape(x, (-1, x.shape[-1])))
+    if is_torch_namespace(xp) and x.dtype == a.dtype:
+        import torch  # already imported: x is a torch tensor
+
+        hidden = torch.nn.functional.linear(flat_x, a)
+    else:
+        hidden = flat_x @ a.T
+    return add_product(c, hidden, b, alpha=alpha, xp=xp, donate_c=donate_c)
+
+
+def add_product(c: Array, hidden: Array, b: Array, /, *, alpha: float, xp: Namespace,
+                donate_c: bool = False) -> Array:
+    """``c + alpha·hidden·bᵀ``: ``c (..., n)``, ``hidden (tokens, r)`` with ``tokens`` the product of
+    ``c``'s leading dims, ``b (n, r)``.
+
+    Torch delegation point: with one dtype throughout, a single ``addmm`` on a 2-d view of ``c``,
+    so the product is accumulated inside the GEMM instead of two extra full-size passes (scale,
     then add). ``c`` is left untouched unless ``donate_c``: the caller hands ``c``'s buffer over (it
     never reads ``c`` again, as with ``jax.jit``'s ``donate_argnums``) and, where autograd records
     nothing, torch accumulates into it in place (``addmm_``), saving the copy of ``c`` that an
     out-of-place ``addmm`` makes (with autograd recording, an in-place write through the 2-d view
     costs more in backward than the copy). Elsewhere, for mixed dtypes and where ``torch.autocast``
-    computes ``x·aᵀ`` in a lower precision than ``c``, the standard expression, with ``alpha`` on the
-    thin intermediate and ``bᵀ`` from :func:`factor_transpose`.
+    formed ``hidden`` in a lower precision than ``c``, the standard expression, with ``alpha`` on
+    the thin ``hidden`` and ``bᵀ`` from :func:`factor_transpose`.
     """
-    if is_torch_namespace(xp) and c.dtype == x.dtype == a.dtype == b.dtype:
+    if is_torch_namespace(xp) and c.dtype == hidden.dtype == b.dtype:
         import torch  # already imported: c is a torch tensor
 
-        hidden = torch.nn.functional.linear(x if x.ndim == 2 else x.reshape(-1, x.shape[-1]), a)
-        if hidden.dtype == c.dtype:  # else autocast chose a lower precision: the standard expression below
-            if donate_c and c.is_contiguous() and not (
-                torch.is_grad_enabled() and (c.requires_grad or hidden.requires_grad or b.requires_grad)
-            ):
-                # the 2-d view shares c's buffer, so c itself is the result (no view back)
-                (c if c.ndim == 2 else c.view(-1, c.shape[-1])).addmm_(hidden, b.t(), alpha=alpha)
-                return c
-            if c.ndim == 2:
-                return torch.addmm(c, hidden, b.t(), alpha=alpha)
-            flat = torch.addmm(c.reshape(-1, c.shape[-1]), hidden, b.t(), alpha=alpha)
-            return flat.view(*c.shape)  # unpacked: view(Size) parses slower
-    else:
-        hidden = (x if x.ndim == 2 else xp.reshape(x, (-1, x.shape[-1]))) @ a.T
+        if donate_c and c.is_contiguous() and not (
+            torch.is_grad_enabled() and (c.requires_grad or hidden.requires_grad or b.requires_grad)
+        ):
+            # the 2-d view shares c's buffer, so c itself is the result (no view back)
+            (c if c.ndim == 2 else c.view(-1, c.shape[-1])).addmm_(hidden, b.t(), alpha=alpha)
+            return c
+        if c.ndim == 2:
+            return torch.addmm(c, hidden, b.t(), alpha=alpha)
+        flat = torch.addmm(c.reshape(-1, c.shape[-1]), hidden, b.t(), alpha=alpha)
+        return flat.view(*c.shape)  # unpacked: view(Size) parses slower
     product = (hidden * alpha) @ factor_transpose(b, xp=xp)
     return c + (product if c.ndim == 2 else xp.reshape(product, tuple(c.shape)))

@@ -51,8 +51,8 @@ __all__ = [
 ]
 
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-# base layers whose forward returns a fresh tensor (nn.Linear; GPT-2 Conv1D is added when first wrapped)
-_FRESH_OUTPUT_TYPES: set[type] = {nn.Linear}
+# base layers whose forward returns a fresh tensor (GPT-2 Conv1D is added when first wrapped)
+_FRESH_OUTPUT_TYPES: set[type] = {nn.Linear, nn.Embedding}
 _FACTOR_CONTAINERS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
 
 #: The ``adapter_names`` entry that selects the base model for a sample (peft's ``"__base__"``).
@@ -405,7 +405,8 @@ class LoraLayer(TunerLayer):
         # nn.Module.__getattr__'s fallback chain and ModuleDict.__getitem__ (~2 µs on every forward)
         modules = self._modules
         if self.kind == "embedding":
-            return modules["lora_embedding_A"][adapter_name], modules["lora_embedding_B"][adapter_name], None
+            return (modules["lora_embedding_A"]._parameters[adapter_name],
+                    modules["lora_embedding_B"]._parameters[adapter_name], None)
         lora_B = modules["lora_B"]._modules[adapter_name]._parameters
         return modules["lora_A"]._modules[adapter_name]._parameters["weight"], lora_B["weight"], lora_B["bias"]
 
@@ -462,10 +463,10 @@ class LoraLayer(TunerLayer):
         """True when ``base(x)`` surely returns a fresh tensor that nothing else holds.
 
         Then the LoRA update may be accumulated into it in place (``donate_result``), which saves a
-        full copy of the output: a plain ``nn.Linear``/GPT-2 ``Conv1D`` without an instance-level
-        ``forward``, without module hooks (a forward hook may keep the output; a backward hook
-        wraps it) and outside ``torch.jit.trace``, exactly the case where ``nn.Module.__call__``
-        calls ``forward`` directly.
+        full copy of the output: a plain ``nn.Linear``/``nn.Embedding``/GPT-2 ``Conv1D`` without an
+        instance-level ``forward``, without module hooks (a forward hook may keep the output; a
+        backward hook wraps it) and outside ``torch.jit.trace``, exactly the case where
+        ``nn.Module.__call__`` calls ``forward`` directly.
         """
         return (
             type(base) in _FRESH_OUTPUT_TYPES
@@ -545,6 +546,12 @@ class LoraLayer(TunerLayer):
                 x = self._dropped_out(x, adapter_name, lora_A.dtype)
                 return ops.linear_forward(running, x, lora_A, lora_B, lora_B_bias, scaling=self.scaling[adapter_name],
                                           donate_result=private)
+            if self.kind == "embedding":
+                base = self.base_layer
+                return ops.embedding_forward(running, x, lora_A, lora_B, scaling=self.scaling[adapter_name],
+                                             max_norm=base.max_norm, norm_type=base.norm_type,
+                                             embed_scale=self._embed_scale(), padding_idx=base.padding_idx,
+                                             donate_result=private)
             return ops.accumulate(running, self._lora_update(x, adapter_name, factors))
         scaling = self.scaling[adapter_name]
         base = self.base_layer
@@ -572,6 +579,8 @@ class LoraLayer(TunerLayer):
 
     def _embed_scale(self) -> torch.Tensor | None:
         # peft's _get_embed_scale: a scalar attribute of the base (Gemma's scaled embeddings), in the base dtype
+        if type(self.base_layer) is nn.Embedding:  # has none; the failing getattr below costs µs per forward
+            return None
         scale = getattr(self.base_layer, "embed_scale", None)
         weight = self.base_layer.weight
         if isinstance(scale, Real):

@@ -23,6 +23,7 @@ from peftcore._xp import (
     Array,
     Namespace,
     add_lora_product,
+    add_product,
     array_namespace,
     compute_dtype,
     factor_transpose,
@@ -169,9 +170,55 @@ def embedding_update(
     norm exceeds it to ``max_norm / (norm + 1e-7)`` times itself, as torch's ``embedding_renorm_``
     does, but functionally: ``lora_embedding_A`` is left untouched (torch rewrites it in place) and
     gradients pass as if unscaled, like torch's. ``padding_idx`` rows get no gradient, as in torch.
-    Out-of-range indices are not checked (that would need their values).
+    Out-of-range indices are not checked (that would need their values). ``s`` and ``embed_scale``
+    multiply the thin ``(tokens, r)`` rows, not the ``(..., dim)`` update (same value, one small pass).
     """
     xp = array_namespace(indices, lora_embedding_A, lora_embedding_B)
+    rows = _embedding_rows(indices, lora_embedding_A, lora_embedding_B, max_norm=max_norm, norm_type=norm_type,
+                           embed_scale=embed_scale, padding_idx=padding_idx, xp=xp)
+    update = xp.matmul(rows * scaling, xp.matrix_transpose(lora_embedding_B))
+    return xp.reshape(update, (*indices.shape, lora_embedding_B.shape[0]))
+
+
+def embedding_forward(
+    result: Array,
+    indices: Array,
+    lora_embedding_A: Array,
+    lora_embedding_B: Array,
+    /,
+    *,
+    scaling: float,
+    max_norm: float | None = None,
+    norm_type: float = 2.0,
+    embed_scale: float | Array | None = None,
+    padding_idx: int | None = None,
+    donate_result: bool = False,
+) -> Array:
+    """``result + embedding_update(indices, ...)`` in ``result.dtype`` (peft ``lora.Embedding.forward``).
+
+    As :func:`linear_forward`: ``result`` is promoted to the adapter dtype and the product accumulated
+    into it (:func:`peftcore._xp.add_product`, one ``addmm`` on torch; in place with ``donate_result``).
+    """
+    xp = array_namespace(result, indices, lora_embedding_A, lora_embedding_B)
+    rows = _embedding_rows(indices, lora_embedding_A, lora_embedding_B, max_norm=max_norm, norm_type=norm_type,
+                           embed_scale=embed_scale, padding_idx=padding_idx, xp=xp)
+    expected = (*indices.shape, lora_embedding_B.shape[0])
+    if tuple(result.shape) != expected:
+        raise ShapeMismatchError(
+            f"LoRA update of shape {expected} cannot be added to the base result of shape {tuple(result.shape)}"
+        )
+    total = result
+    if result.dtype != rows.dtype:
+        total = _cast(result, xp.result_type(result.dtype, rows.dtype), xp=xp)
+    total = add_product(total, rows, _cast(lora_embedding_B, rows.dtype, xp=xp), alpha=scaling, xp=xp,
+                        donate_c=donate_result or total is not result)
+    return _cast(total, result.dtype, xp=xp)
+
+
+def _embedding_rows(indices: Array, lora_embedding_A: Array, lora_embedding_B: Array, *, max_norm: float | None,
+                    norm_type: float, embed_scale: float | Array | None, padding_idx: int | None,
+                    xp: Namespace) -> Array:
+    """The looked-up rows ``Aᵀ[idx] (tokens, r)`` (renormalised, padding rows detached, times ``embed_scale``)."""
     _check_embedding_factors(lora_embedding_A, lora_embedding_B)
     if not xp.isdtype(indices.dtype, "integral"):
         raise ShapeMismatchError(
@@ -188,40 +235,11 @@ def embedding_update(
     if padding_idx is not None:
         pad = padding_idx + num_embeddings if padding_idx < 0 else padding_idx
         rows = xp.where(xp.expand_dims(flat == pad, axis=-1), stop_gradient(rows, xp=xp), rows)
-    update = xp.matmul(rows, xp.matrix_transpose(lora_embedding_B)) * scaling
-    update = xp.reshape(update, (*indices.shape, lora_embedding_B.shape[0]))
     if embed_scale is None:
-        return update
+        return rows
     if isinstance(embed_scale, Real):
-        return update * embed_scale
-    return update * _cast(embed_scale, update.dtype, xp=xp)
-
-
-def embedding_forward(
-    result: Array,
-    indices: Array,
-    lora_embedding_A: Array,
-    lora_embedding_B: Array,
-    /,
-    *,
-    scaling: float,
-    max_norm: float | None = None,
-    norm_type: float = 2.0,
-    embed_scale: float | Array | None = None,
-    padding_idx: int | None = None,
-) -> Array:
-    """``result + embedding_update(indices, ...)`` in ``result.dtype`` (peft ``lora.Embedding.forward``)."""
-    update = embedding_update(
-        indices,
-        lora_embedding_A,
-        lora_embedding_B,
-        scaling=scaling,
-        max_norm=max_norm,
-        norm_type=norm_type,
-        embed_scale=embed_scale,
-        padding_idx=padding_idx,
-    )
-    return accumulate(result, update)
+        return rows * embed_scale
+    return rows * _cast(embed_scale, rows.dtype, xp=xp)
 
 
 def embedding_delta_weight(lora_embedding_A: Array, lora_embedding_B: Array, /, *, scaling: float) -> Array:
@@ -257,11 +275,12 @@ def conv_update(
     spatial = lora_A.ndim - 2
     _check_factors(lora_A, lora_B, lora_B_bias, spatial=spatial, groups=groups)
     x = _cast(x, lora_A.dtype, xp=xp)
-    hidden = conv_nd(x, lora_A, stride=stride, padding=padding)
+    # s on the thin (batch, r, ...) intermediate: the same value as on the update, one small pass
+    hidden = conv_nd(x, lora_A, stride=stride, padding=padding) * scaling
     update = conv_nd(hidden, lora_B, groups=groups)
     if lora_B_bias is not None:
-        update = update + xp.reshape(lora_B_bias, (-1,) + (1,) * spatial)
-    return update * scaling
+        update = update + xp.reshape(lora_B_bias * scaling, (-1,) + (1,) * spatial)
+    return update
 
 
 def conv_forward(

@@ -314,3 +314,28 @@ def test_autocast_to_bfloat16_follows_peft(grad):
     assert got.dtype == expected.dtype == torch.bfloat16
     got, expected = got.detach(), expected.detach()
     torch.testing.assert_close(got, expected, rtol=2**-7, atol=2**-7 * float(expected.abs().max()))
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "grad"])
+def test_embedding_accumulates_into_its_fresh_output_and_matches_peft(monkeypatch, mode):
+    torch.manual_seed(8)
+    ours, theirs = _pair(nn.Embedding(10, 6, padding_idx=2))
+    seen = []
+    real = ops.embedding_forward
+    monkeypatch.setattr(ops, "embedding_forward",
+                        lambda *a, **k: seen.append(k.get("donate_result", False)) or real(*a, **k))
+    x = torch.tensor([[0, 2, 9], [4, 4, 1]])
+    context = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode, "grad": torch.enable_grad}[mode]
+    with context():
+        got, expected = ours(x), theirs(x)
+        base = ours.layer.base_layer(x)
+    _assert_close(got, expected)
+    assert not torch.allclose(got, base)  # the adapter contributes; the base output was not overwritten
+    assert seen == [True]
+    if mode == "grad":
+        got.square().sum().backward()
+        expected.square().sum().backward()
+        for name, param in theirs.named_parameters():
+            if param.requires_grad:
+                _assert_close(dict(ours.named_parameters())[name].grad, param.grad)

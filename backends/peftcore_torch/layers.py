@@ -52,7 +52,7 @@ __all__ = [
 
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 # base layers whose forward returns a fresh tensor (GPT-2 Conv1D is added when first wrapped)
-_FRESH_OUTPUT_TYPES: set[type] = {nn.Linear, nn.Embedding}
+_FRESH_OUTPUT_TYPES: set[type] = {nn.Linear, nn.Embedding, *_CONV_TYPES}
 _FACTOR_CONTAINERS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
 
 #: The ``adapter_names`` entry that selects the base model for a sample (peft's ``"__base__"``).
@@ -463,8 +463,8 @@ class LoraLayer(TunerLayer):
         """True when ``base(x)`` surely returns a fresh tensor that nothing else holds.
 
         Then the LoRA update may be accumulated into it in place (``donate_result``), which saves a
-        full copy of the output: a plain ``nn.Linear``/``nn.Embedding``/GPT-2 ``Conv1D`` without an
-        instance-level ``forward``, without module hooks (a forward hook may keep the output; a
+        full copy of the output: a plain ``nn.Linear``/``nn.Embedding``/``nn.ConvNd``/GPT-2 ``Conv1D``
+        without an instance-level ``forward``, without module hooks (a forward hook may keep the output; a
         backward hook wraps it) and outside ``torch.jit.trace``, exactly the case where
         ``nn.Module.__call__`` calls ``forward`` directly.
         """

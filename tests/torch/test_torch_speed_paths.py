@@ -1,4 +1,4 @@
-"""The torch fast paths of the LoRA Linear forward: one ``torch.addmm`` for the update, and accumulating
+"""The torch fast paths of the LoRA Linear and Embedding forward: one ``torch.addmm`` for the update, and accumulating
 into the base output's own buffer when ``LoraLayer`` knows nothing else holds it.
 
 Each path is checked against the standard Array API path (the same core function on NumPy), a float64

@@ -141,6 +141,15 @@ def _pair(base: nn.Module, **extra):
     return ours, theirs
 
 
+def _assert_same_gradients(ours, theirs, got, expected):
+    """Backpropagate the same loss through both outputs; every trainable parameter gets peft's gradient."""
+    got.square().sum().backward()
+    expected.square().sum().backward()
+    for name, param in theirs.named_parameters():
+        if param.requires_grad:
+            _assert_close(dict(ours.named_parameters())[name].grad, param.grad)
+
+
 def _donations(monkeypatch):
     """The ``donate_result`` flags LoraLayer passes to ``ops.linear_forward``."""
     seen = []
@@ -170,11 +179,7 @@ def test_layer_matches_peft_on_every_path(monkeypatch, make_base, lora_bias, mod
     _assert_close(got, expected)
     assert donations == [True]  # a plain base's output is fresh: the layer hands it to the core
     if mode == "grad":
-        got.square().sum().backward()
-        expected.square().sum().backward()
-        for name, param in theirs.named_parameters():
-            if param.requires_grad:
-                _assert_close(dict(ours.named_parameters())[name].grad, param.grad)
+        _assert_same_gradients(ours, theirs, got, expected)
 
 
 @pytest.mark.oracle
@@ -334,8 +339,4 @@ def test_embedding_accumulates_into_its_fresh_output_and_matches_peft(monkeypatc
     assert not torch.allclose(got, base)  # the adapter contributes; the base output was not overwritten
     assert seen == [True]
     if mode == "grad":
-        got.square().sum().backward()
-        expected.square().sum().backward()
-        for name, param in theirs.named_parameters():
-            if param.requires_grad:
-                _assert_close(dict(ours.named_parameters())[name].grad, param.grad)
+        _assert_same_gradients(ours, theirs, got, expected)

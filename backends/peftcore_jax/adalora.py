@@ -39,7 +39,7 @@ from peftcore.methods.adalora import ops
 from peftcore.methods.lora.init import adapter_dtype
 from peftcore.naming import BASE_MODEL_PREFIX, DEFAULT_ADAPTER_NAME, checkpoint_key
 from peftcore_jax import methods
-from peftcore_jax.io import load_modules
+from peftcore_jax.io import load_modules, take_keys
 from peftcore_jax.layers import base_conv, base_linear, dropout_keys, dropped
 from peftcore_jax.layout import Layout, LeafSpec, from_core, get_layout, to_core
 from peftcore_jax.lora import JaxSampler, _module_of, module_key, target_modules
@@ -288,13 +288,10 @@ def _adalora_module(path: str, module: Module, config: AdaLoraConfig, leaves: di
                     missing: list[str], *, layout: Layout, dtype: Any) -> AdaLoraParams | None:
     spec = _spec(module, layout, config)
     keys = {c: _key(path, c) for c in _CONTAINERS}
-    absent = [key for key in keys.values() if key not in remaining]
-    if absent:
-        missing.extend(absent)
-        for key in keys.values():
-            remaining.pop(key, None)
+    taken = take_keys(keys, remaining, missing)
+    if taken is None:
         return None
-    arrays = {c: jnp.asarray(remaining.pop(key), dtype=dtype) for c, key in keys.items()}
+    arrays = {c: jnp.asarray(value, dtype=dtype) for c, value in taken.items()}
     init_r = int(config.init_r)
     kept = ops.kept_ranks(config.rank_pattern or {})
     r = kept.get(path, init_r)

@@ -217,6 +217,18 @@ def _equal(loaded: jax.Array, stored: Any) -> bool:
     return bool(np.array_equal(np.asarray(loaded), np.asarray(stored)))
 
 
+def take_keys(keys: Mapping[str, str], remaining: dict, missing: list[str]) -> dict[str, Any] | None:
+    """``{role: array}`` popped from ``remaining`` for a module's ``{role: checkpoint key}``, or None with the
+    absent keys appended to ``missing`` (and the module's other keys dropped: they are not "unexpected")."""
+    absent = [key for key in keys.values() if key not in remaining]
+    if absent:
+        missing.extend(absent)
+        for key in keys.values():
+            remaining.pop(key, None)
+        return None
+    return {role: remaining.pop(key) for role, key in keys.items()}
+
+
 def lora_module(path: str, module: Module, config: LoraConfig, leaves: dict, remaining: dict,
                 missing: list[str], *, layout: Layout, dtype: Any) -> LoraParams | None:
     """One LoRA/DoRA module from the checkpoint keys (``load_modules``' ``build``)."""
@@ -230,13 +242,9 @@ def lora_module(path: str, module: Module, config: LoraConfig, leaves: dict, rem
         keys["bias"] = checkpoint_key(path, "lora_B", "bias")
     if config.use_dora:
         keys["m"] = checkpoint_key(path, "lora_magnitude_vector")
-    absent = [key for key in keys.values() if key not in remaining]
-    if absent:
-        missing.extend(absent)
-        for key in keys.values():
-            remaining.pop(key, None)
+    arrays = take_keys(keys, remaining, missing)
+    if arrays is None:
         return None
-    arrays = {role: remaining.pop(key) for role, key in keys.items()}
     expected = _expected_shapes(spec.kind, weight_shape, r=r, a_shape=tuple(arrays["A"].shape),
                                 fan_in_fan_out=spec.fan_in_fan_out)
     for role, key in keys.items():

@@ -18,6 +18,7 @@ transformers = pytest.importorskip("transformers")
 
 import peftcore  # noqa: E402
 import peftcore_torch  # noqa: E402
+from tests.tiny_models import tiny_bert_classifier, tiny_gpt2, tiny_llama
 
 pytestmark = pytest.mark.oracle
 
@@ -29,14 +30,9 @@ FAN_IN_FAN_OUT = "fan_in_fan_out is set to False but the target module is `Conv1
 @pytest.fixture(scope="module")
 def bases() -> dict[str, torch.nn.Module]:
     torch.manual_seed(0)
-    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=64))
-    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=16, n_layer=2, n_head=2, vocab_size=64,
-                                                                n_positions=32))
-    bert = transformers.BertForSequenceClassification(transformers.BertConfig(
-        hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, vocab_size=64,
-        max_position_embeddings=32, num_labels=3))
+    llama = tiny_llama()
+    gpt2 = tiny_gpt2()
+    bert = tiny_bert_classifier()
     t5 = transformers.T5ForConditionalGeneration(transformers.T5Config(
         d_model=16, d_ff=32, d_kv=8, num_layers=2, num_heads=2, vocab_size=64, decoder_start_token_id=0))
     return {"llama": llama.eval(), "gpt2": gpt2.eval(), "bert": bert.eval(), "t5": t5.eval()}

@@ -16,11 +16,11 @@ import torch
 from torch import nn
 
 import peft
-import transformers
 
 import peftcore
 import peftcore_torch
 from peftcore.errors import ConfigError, IncompatibleKeysError, UnsupportedLayerError
+from tests.tiny_models import tiny_gpt2, tiny_llama
 
 pytestmark = pytest.mark.oracle
 
@@ -43,11 +43,8 @@ class ConvNet(nn.Module):
 @pytest.fixture(scope="module")
 def bases() -> dict[str, nn.Module]:
     torch.manual_seed(0)
-    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=64))
-    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=16, n_layer=2, n_head=2, vocab_size=64,
-                                                                n_positions=32))
+    llama = tiny_llama()
+    gpt2 = tiny_gpt2()
     return {"llama": llama.eval(), "gpt2": gpt2.eval(), "conv": ConvNet().eval()}
 
 

@@ -15,12 +15,12 @@ import torch
 from torch import nn
 
 import peft
-import transformers
 
 import peftcore
 import peftcore_torch
 from peftcore.errors import ConfigError, UnsupportedLayerError
 from peftcore.methods.ia3.ops import IA3UnmergeWarning
+from tests.tiny_models import tiny_bert_classifier, tiny_gpt2, tiny_llama
 
 pytestmark = pytest.mark.oracle
 
@@ -49,14 +49,9 @@ class ConvNet(nn.Module):
 @pytest.fixture(scope="module")
 def bases() -> dict[str, nn.Module]:
     torch.manual_seed(0)
-    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=64))
-    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=16, n_layer=2, n_head=2, vocab_size=64,
-                                                                n_positions=32))
-    bert = transformers.BertForSequenceClassification(transformers.BertConfig(
-        hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, vocab_size=64,
-        max_position_embeddings=32, num_labels=3))
+    llama = tiny_llama()
+    gpt2 = tiny_gpt2()
+    bert = tiny_bert_classifier()
     models = {"llama": llama, "gpt2": gpt2, "bert": bert, "conv": ConvNet()}
     for model in models.values():
         with torch.no_grad():  # biases away from zero, so scaling them (or not) shows

@@ -21,7 +21,7 @@ safetensors_torch = pytest.importorskip("safetensors.torch")
 
 import peftcore  # noqa: E402
 import peftcore_torch  # noqa: E402
-from tests.tiny_models import tiny_gpt2, tiny_llama
+from tests.tiny_models import adalora_pair, tiny_gpt2, tiny_llama
 
 pytestmark = pytest.mark.oracle
 
@@ -53,15 +53,7 @@ def trained(bases) -> dict[str, tuple[torch.nn.Module, torch.nn.Module]]:
 
 def _train(bases, name: str) -> tuple[torch.nn.Module, torch.nn.Module]:
     arch, kwargs = CASES[name]
-    kwargs = dict(SCHEDULE, **kwargs)
-    torch.manual_seed(1)
-    theirs = peft.get_peft_model(copy.deepcopy(bases[arch]), peft.AdaLoraConfig(**kwargs))
-    with torch.no_grad():
-        for param_name, param in theirs.named_parameters():
-            if ".lora_E." in param_name:
-                param.normal_()
-    ours = peftcore_torch.get_peft_model(copy.deepcopy(bases[arch]), peftcore.AdaLoraConfig(**kwargs))
-    ours.load_state_dict({k: v for k, v in theirs.state_dict().items() if ".ranknum." not in k})
+    ours, theirs = adalora_pair(bases[arch], dict(SCHEDULE, **kwargs))
     ours_params = dict(ours.named_parameters())
     ours_opt = torch.optim.SGD([p for p in ours.parameters() if p.requires_grad], lr=0.5)
     their_opt = torch.optim.SGD([p for p in theirs.parameters() if p.requires_grad], lr=0.5)

@@ -20,7 +20,7 @@ import peft
 import peftcore
 import peftcore_torch
 from peftcore.errors import ConfigError, IncompatibleKeysError, UnsupportedLayerError
-from tests.tiny_models import tiny_gpt2, tiny_llama
+from tests.tiny_models import adalora_pair, tiny_gpt2, tiny_llama, without_ranknum
 
 pytestmark = pytest.mark.oracle
 
@@ -66,20 +66,7 @@ def _pair(bases, name: str, **overrides) -> tuple[nn.Module, nn.Module]:
     """peft's model with random triplets (``E`` too) and ours holding exactly the same parameters."""
     arch, kwargs = CASES[name]
     kwargs = dict(SCHEDULE, **copy.deepcopy(kwargs), **overrides)
-    torch.manual_seed(1)
-    theirs = peft.get_peft_model(copy.deepcopy(bases[arch]), peft.AdaLoraConfig(**kwargs))
-    with torch.no_grad():
-        for param_name, param in theirs.named_parameters():
-            if ".lora_E." in param_name:
-                param.normal_()
-    ours = peftcore_torch.get_peft_model(copy.deepcopy(bases[arch]), peftcore.AdaLoraConfig(**kwargs))
-    ours.load_state_dict(_without_ranknum(theirs.state_dict()))
-    return ours, theirs
-
-
-def _without_ranknum(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    # peft keeps ranknum as an (unsaved) parameter; peftcore_torch keeps it as a number
-    return {key: value for key, value in state.items() if ".ranknum." not in key}
+    return adalora_pair(bases[arch], kwargs)
 
 
 def _out(model: nn.Module, arch: str) -> torch.Tensor:
@@ -97,7 +84,7 @@ def _assert_close(actual: torch.Tensor, desired: torch.Tensor) -> None:
 def test_same_parameters_give_peft_outputs(bases, name):
     ours, theirs = _pair(bases, name)
     arch = CASES[name][0]
-    assert sorted(ours.state_dict()) == sorted(_without_ranknum(theirs.state_dict()))
+    assert sorted(ours.state_dict()) == sorted(without_ranknum(theirs.state_dict()))
     assert sorted(n for n, p in ours.named_parameters() if p.requires_grad) == sorted(
         n for n, p in theirs.named_parameters() if p.requires_grad)
     assert set(ours.peft_config["default"].target_modules) == set(theirs.peft_config["default"].target_modules)

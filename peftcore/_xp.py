@@ -134,14 +134,12 @@ def add_lora_product(c: Array, x: Array, a: Array, b: Array, /, *, alpha: float,
     The thin ``(tokens, r)`` product ``x·aᵀ`` is formed with tokens flattened (one ``linear`` on
     torch) and handed to :func:`add_product`.
     """
-    flat_x = x if x.ndim == 2 else (x.reshape(-1, x.shape[-1]) if is_torch_namespace(xp)
-                                     else xp.reshape(x, (-1, x.shape[-1])))
     if is_torch_namespace(xp) and x.dtype == a.dtype:
         import torch  # already imported: x is a torch tensor
 
-        hidden = torch.nn.functional.linear(flat_x, a)
+        hidden = torch.nn.functional.linear(x if x.ndim == 2 else x.reshape(-1, x.shape[-1]), a)
     else:
-        hidden = flat_x @ a.T
+        hidden = (x if x.ndim == 2 else xp.reshape(x, (-1, x.shape[-1]))) @ a.T
     return add_product(c, hidden, b, alpha=alpha, xp=xp, donate_c=donate_c)
 
 
